@@ -1,0 +1,13 @@
+//! evomerge: find model-merge recipes by evolution.
+//!
+//! Data flows one way: store → plan → merge → candidate → evaluate → history → report.
+
+pub mod arch;
+pub mod candidate;
+pub mod error;
+pub mod merge;
+pub mod recipe;
+pub mod store;
+pub mod tensor;
+
+pub use error::{Error, Result};
