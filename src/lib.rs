@@ -5,7 +5,9 @@
 pub mod arch;
 pub mod candidate;
 pub mod error;
+pub mod eval;
 pub mod merge;
+pub mod model;
 pub mod recipe;
 pub mod store;
 pub mod tensor;

@@ -89,6 +89,9 @@ pub struct MergeInput<'a> {
     pub model_params: Vec<Params>,
     /// Global parameters, defaults filled in.
     pub global: Params,
+    /// Per-model auxiliary data, parallel to `models`, for methods that declare
+    /// [`MergeMethod::aux`] (a Fisher diagonal, a RegMean Gram matrix); empty otherwise.
+    pub aux: Vec<Option<&'a [f32]>>,
     /// A seed for this tensor (derived from `--seed` and the tensor name); random methods
     /// (DARE, DELLA) must draw only from an RNG seeded with it.
     pub seed: u64,
@@ -104,6 +107,10 @@ pub trait MergeMethod: Send + Sync {
     fn base(&self) -> BaseUse;
     /// How many non-base models it accepts: `(min, max)`, `max = None` for no limit.
     fn model_count(&self) -> (usize, Option<usize>);
+    /// The auxiliary file a method reads beside each model (e.g. `fisher.safetensors`), if any.
+    fn aux(&self) -> Option<&'static str> {
+        None
+    }
     /// Merge one tensor. The output has `input.shape`'s element count.
     fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>>;
 }

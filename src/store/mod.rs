@@ -22,6 +22,21 @@ impl TensorInfo {
     }
 }
 
+/// Read access to a model's tensors, on disk ([`Model`]) or in memory
+/// ([`crate::candidate::MemModel`]). The planner and the executor see models only through this.
+pub trait TensorSource: Send + Sync {
+    /// The model's config.json.
+    fn config(&self) -> &serde_json::Value;
+    /// Info of every tensor, sorted by name.
+    fn tensor_infos(&self) -> Vec<TensorInfo>;
+    /// One tensor's info, if present.
+    fn info(&self, name: &str) -> Option<TensorInfo>;
+    /// Decode one tensor to `f32` into `out` (length = element count).
+    fn read_into(&self, name: &str, out: &mut [f32]) -> Result<()>;
+    /// Where the model lives, for messages (a directory, or `<memory>`).
+    fn label(&self) -> String;
+}
+
 /// An opened model directory. Tensors are memory-mapped and decoded to `f32` on demand.
 pub struct Model {
     _private: (),

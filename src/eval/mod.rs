@@ -1,0 +1,60 @@
+//! Scoring candidates. An [`Evaluator`] scores a [`Candidate`] on a split of its tasks and returns
+//! a primary value (higher is better) plus named metrics; failures are values ([`EvalError`]), never
+//! panics, so a search can log and penalise them.
+
+use std::collections::BTreeMap;
+
+use crate::candidate::Candidate;
+
+/// Which split of the held-out tasks to score on. The search's fitness uses `Dev` only; `Test`
+/// is for the final report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Dev,
+    Test,
+}
+
+/// The result of scoring one candidate.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Score {
+    /// The fitness (higher is better).
+    pub primary: f64,
+    /// Every metric by name (e.g. `add/exact_match`).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Why a candidate could not be scored.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// The candidate could not be built or run (missing tensor, shape mismatch, ...).
+    #[error("candidate failed: {0}")]
+    Candidate(String),
+    /// An external evaluator exited with a failure status.
+    #[error("evaluator command exited with {status}; stderr:\n{stderr}")]
+    Exit { status: String, stderr: String },
+    /// An external evaluator ran past its timeout.
+    #[error("evaluator command timed out after {seconds} s; stderr:\n{stderr}")]
+    Timeout { seconds: f64, stderr: String },
+    /// An external evaluator printed something that is not one JSON object of metrics.
+    #[error("evaluator output is not a JSON object of metrics ({reason}): {stdout:?}; stderr:\n{stderr}")]
+    BadOutput {
+        reason: String,
+        stdout: String,
+        stderr: String,
+    },
+    /// A metric came back NaN or infinite.
+    #[error("metric `{metric}` is not finite ({value})")]
+    NotFinite { metric: String, value: f64 },
+    /// Anything else.
+    #[error(transparent)]
+    Other(#[from] crate::error::Error),
+}
+
+/// Scores candidates. Implementations must be usable from several threads at once.
+pub trait Evaluator: Send + Sync {
+    /// A short name for logs and reports.
+    fn name(&self) -> &str;
+    /// Score `candidate` on `split`.
+    fn evaluate(&self, candidate: &Candidate, split: Split) -> Result<Score, EvalError>;
+}
