@@ -11,5 +11,6 @@ pub mod model;
 pub mod recipe;
 pub mod store;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -126,3 +126,37 @@ impl ModelWriter {
         todo!()
     }
 }
+
+/// The models a recipe refers to, opened once and shared (memory-mapped models are reused across
+/// every candidate of a search). In-memory models can be registered under a name of their own.
+#[derive(Clone, Default)]
+pub struct ModelSet {
+    models: std::collections::BTreeMap<PathBuf, std::sync::Arc<dyn TensorSource>>,
+}
+
+impl ModelSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The model registered or opened under `path`, opening it from disk on first use.
+    pub fn get_or_open(&mut self, path: &Path) -> Result<std::sync::Arc<dyn TensorSource>> {
+        if let Some(m) = self.models.get(path) {
+            return Ok(m.clone());
+        }
+        let model: std::sync::Arc<dyn TensorSource> = std::sync::Arc::new(Model::open(path)?);
+        self.models.insert(path.to_path_buf(), model.clone());
+        Ok(model)
+    }
+
+    /// The model under `path`, if registered or opened already.
+    pub fn get(&self, path: &Path) -> Option<std::sync::Arc<dyn TensorSource>> {
+        self.models.get(path).cloned()
+    }
+
+    /// Register a model (e.g. an in-memory merge) under `path`.
+    pub fn insert(&mut self, path: impl Into<PathBuf>, model: std::sync::Arc<dyn TensorSource>) {
+        self.models.insert(path.into(), model);
+    }
+}
