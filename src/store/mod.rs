@@ -160,3 +160,21 @@ impl ModelSet {
         self.models.insert(path.into(), model);
     }
 }
+
+impl TensorSource for Model {
+    fn config(&self) -> &serde_json::Value {
+        Model::config(self)
+    }
+    fn tensor_infos(&self) -> Vec<TensorInfo> {
+        self.tensors().to_vec()
+    }
+    fn info(&self, name: &str) -> Option<TensorInfo> {
+        self.tensor_info(name).cloned()
+    }
+    fn read_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        Model::read_into(self, name, out)
+    }
+    fn label(&self) -> String {
+        self.dir().display().to_string()
+    }
+}
