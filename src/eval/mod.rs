@@ -2,6 +2,12 @@
 //! a primary value (higher is better) plus named metrics; failures are values ([`EvalError`]), never
 //! panics, so a search can log and penalise them.
 
+pub mod classify;
+
+pub mod double;
+pub mod lm;
+pub mod tasks;
+
 use std::collections::BTreeMap;
 
 use crate::candidate::Candidate;
@@ -37,7 +43,9 @@ pub enum EvalError {
     #[error("evaluator command timed out after {seconds} s; stderr:\n{stderr}")]
     Timeout { seconds: f64, stderr: String },
     /// An external evaluator printed something that is not one JSON object of metrics.
-    #[error("evaluator output is not a JSON object of metrics ({reason}): {stdout:?}; stderr:\n{stderr}")]
+    #[error(
+        "evaluator output is not a JSON object of metrics ({reason}): {stdout:?}; stderr:\n{stderr}"
+    )]
     BadOutput {
         reason: String,
         stdout: String,
