@@ -1,10 +1,20 @@
 //! Forward passes on candle: a decoder-only transformer (Llama / Mistral / Qwen2 names) that runs
-//! merged tensors or data-flow routes from memory.
+//! merged tensors or data-flow routes from memory, and the training loop that made the toy world.
+//!
+//! [`build`] turns any [`Candidate`] into a [`CausalLm`]: merged tensors become a
+//! [`Transformer`], a route becomes a [`RoutedModel`], a model directory is opened with
+//! [`crate::store::Model::open`] and decoded to `f32`.
+
+pub mod mlp;
+pub mod train;
+pub mod transformer;
 
 use candle_core::{Device, Tensor};
 
-use crate::candidate::Candidate;
+use crate::candidate::{Candidate, CandidateBody};
 use crate::error::Result;
+
+pub use transformer::{LlamaConfig, RoutedModel, Transformer, forward_route};
 
 /// A causal language model: token ids in, logits for every position out.
 pub trait CausalLm: Send + Sync {
@@ -17,6 +27,21 @@ pub trait CausalLm: Send + Sync {
 /// Build a runnable model for a candidate: merged tensors, a route over several models, or a
 /// model directory.
 pub fn build(candidate: &Candidate, device: &Device) -> Result<Box<dyn CausalLm>> {
-    let _ = (candidate, device);
-    todo!("model::build")
+    match &candidate.body {
+        CandidateBody::Merged(mem) => Ok(Box::new(Transformer::from_mem(mem, device)?)),
+        CandidateBody::Routed { models, route } => {
+            let models = models
+                .iter()
+                .map(|m| Transformer::from_mem(m, device))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Box::new(RoutedModel {
+                models,
+                route: route.clone(),
+            }))
+        }
+        CandidateBody::Dir(dir) => {
+            let model = crate::store::Model::open(dir)?;
+            Ok(Box::new(Transformer::from_source(&model, device)?))
+        }
+    }
 }
