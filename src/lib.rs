@@ -2,6 +2,8 @@
 //!
 //! Data flows one way: store → plan → merge → candidate → evaluate → history → report.
 
+pub mod align;
+
 pub mod arch;
 pub mod candidate;
 pub mod error;
