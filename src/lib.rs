@@ -3,7 +3,6 @@
 //! Data flows one way: store → plan → merge → candidate → evaluate → history → report.
 
 pub mod align;
-
 pub mod arch;
 pub mod candidate;
 pub mod error;
@@ -12,6 +11,7 @@ pub mod merge;
 pub mod model;
 pub mod recipe;
 pub mod store;
+pub mod synth;
 pub mod tensor;
 pub mod tokenizer;
 

@@ -1,11 +1,40 @@
 //! Hugging Face model directories: open (config.json + single or sharded safetensors,
 //! memory-mapped, every header validated) and write (shards, index, config, donor files, model
 //! card; into a temporary directory renamed into place at the end).
+//!
+//! ```no_run
+//! use evomerge::store::{Model, ModelWriter, TensorSource, WriteConfig};
+//! # fn main() -> evomerge::Result<()> {
+//! let model = Model::open("models/base")?;
+//! let infos = model.tensor_infos();
+//! let writer = ModelWriter::create("out".as_ref(), &infos, &WriteConfig::default())?;
+//! for info in &infos {
+//!     let t = model.read(&info.name)?; // decoded to f32
+//!     writer.write(&info.name, &t.data)?; // encoded to info.dtype, any thread
+//! }
+//! writer.finish(model.config(), Some(model.dir()), "# copy\n")?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - [`reader`]: [`Model::open`] and header validation.
+//! - [`writer`]: [`ModelWriter`], [`output_config`].
+//! - [`inspect()`]: a [`Summary`] of a model directory.
+
+mod codec;
+pub mod inspect;
+pub mod reader;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 
-use crate::error::Result;
-use crate::tensor::{DType, TensorBuf};
+use crate::candidate::MemModel;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+pub use inspect::{Summary, inspect};
+pub use reader::Model;
+pub use writer::{ModelWriter, WriteConfig, output_config};
 
 /// Name, dtype and shape of one stored tensor.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,96 +64,6 @@ pub trait TensorSource: Send + Sync {
     fn read_into(&self, name: &str, out: &mut [f32]) -> Result<()>;
     /// Where the model lives, for messages (a directory, or `<memory>`).
     fn label(&self) -> String;
-}
-
-/// An opened model directory. Tensors are memory-mapped and decoded to `f32` on demand.
-pub struct Model {
-    _private: (),
-}
-
-impl Model {
-    /// Open `dir`: read config.json, map `model.safetensors` or the shards listed in
-    /// `model.safetensors.index.json`, and validate every header.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Model> {
-        let _ = dir;
-        todo!("store: Model::open")
-    }
-
-    /// The directory this model was opened from.
-    pub fn dir(&self) -> &Path {
-        todo!()
-    }
-
-    /// The parsed config.json.
-    pub fn config(&self) -> &serde_json::Value {
-        todo!()
-    }
-
-    /// All tensors, sorted by name.
-    pub fn tensors(&self) -> &[TensorInfo] {
-        todo!()
-    }
-
-    /// One tensor's info, if present.
-    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
-        let _ = name;
-        todo!()
-    }
-
-    /// Decode a tensor to `f32` into `out` (length = element count).
-    pub fn read_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
-        let _ = (name, out);
-        todo!()
-    }
-
-    /// Decode a tensor to a new `f32` buffer.
-    pub fn read(&self, name: &str) -> Result<TensorBuf> {
-        let _ = name;
-        todo!()
-    }
-}
-
-/// Options for writing a model directory.
-#[derive(Clone, Debug)]
-pub struct WriteConfig {
-    /// Largest shard in bytes (tensor data); more than one shard adds model.safetensors.index.json.
-    pub max_shard_size: u64,
-}
-
-/// Writes a model directory: the layout (which tensor goes to which shard, at which offset) is
-/// fixed up front from the tensor list, so each tensor can be written the moment it is ready,
-/// from any thread. Everything goes to a temporary directory beside the target, renamed into place
-/// by [`ModelWriter::finish`]; dropping an unfinished writer removes it.
-pub struct ModelWriter {
-    _private: (),
-}
-
-impl ModelWriter {
-    /// Lay out `tensors` (with their output dtypes) into shards under a temporary directory next
-    /// to `target`. Fails if `target` already exists.
-    pub fn create(target: &Path, tensors: &[TensorInfo], config: &WriteConfig) -> Result<Self> {
-        let _ = (target, tensors, config);
-        todo!()
-    }
-
-    /// Encode and write one tensor (any thread, any order). `values.len()` must match its shape.
-    pub fn write(&self, name: &str, values: &[f32]) -> Result<()> {
-        let _ = (name, values);
-        todo!()
-    }
-
-    /// Check every tensor was written, write config.json (`config` as given), copy tokenizer /
-    /// generation / chat-template files from `donor`, write README.md (`model_card`), then rename
-    /// the temporary directory to the target. Returns the target path.
-    pub fn finish(
-        self,
-        config: &serde_json::Value,
-        donor: Option<&Path>,
-        model_card: &str,
-    ) -> Result<PathBuf> {
-        let _ = (config, donor, model_card);
-        todo!()
-    }
 }
 
 /// The models a recipe refers to, opened once and shared (memory-mapped models are reused across
@@ -176,5 +115,50 @@ impl TensorSource for Model {
     }
     fn label(&self) -> String {
         self.dir().display().to_string()
+    }
+}
+
+impl TensorSource for MemModel {
+    fn config(&self) -> &serde_json::Value {
+        &self.config
+    }
+    fn tensor_infos(&self) -> Vec<TensorInfo> {
+        self.tensors
+            .iter()
+            .map(|(name, t)| TensorInfo {
+                name: name.clone(),
+                dtype: DType::F32,
+                shape: t.shape.clone(),
+            })
+            .collect()
+    }
+    fn info(&self, name: &str) -> Option<TensorInfo> {
+        self.tensors.get(name).map(|t| TensorInfo {
+            name: name.to_string(),
+            dtype: DType::F32,
+            shape: t.shape.clone(),
+        })
+    }
+    fn read_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            model: PathBuf::from(self.label()),
+            tensor: name.to_string(),
+        })?;
+        if out.len() != t.data.len() {
+            return Err(Error::Tensor {
+                tensor: name.to_string(),
+                msg: format!(
+                    "output buffer holds {} values, tensor has {} (shape {:?})",
+                    out.len(),
+                    t.data.len(),
+                    t.shape
+                ),
+            });
+        }
+        out.copy_from_slice(&t.data);
+        Ok(())
+    }
+    fn label(&self) -> String {
+        "<memory>".to_string()
     }
 }

@@ -1,0 +1,452 @@
+//! Writing a model directory in Hugging Face layout.
+//!
+//! [`ModelWriter::create`] fixes the whole layout from the tensor list: tensors sorted by name are
+//! cut into shards of at most `max_shard_size` data bytes; each shard's header is written at
+//! once and the file sized, so every tensor has a known offset. [`ModelWriter::write`] then
+//! encodes one tensor and writes it at its offset (`pwrite`), from any thread, in any order —
+//! peak memory is the tensors in flight. [`ModelWriter::finish`] checks completeness, adds
+//! the index (when sharded), config.json, donor tokenizer/generation files and README.md, and
+//! renames the temporary directory (`.NAME.tmp-PID-N` beside the target) into place. Dropping an
+//! unfinished writer removes the temporary directory, so a failed merge leaves nothing under the
+//! target name.
+//!
+//! Files stay readable by the reference safetensors implementation: tensors are contiguous in
+//! the data region (no gaps), the header is padded with spaces so the data starts 8-byte
+//! aligned, and within a shard 4-byte tensors come before 2-byte ones so every tensor is
+//! aligned for its dtype.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use serde_json::{Map, Value, json};
+
+use super::TensorInfo;
+use super::codec;
+use super::reader::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// Files copied from the donor model directory when present.
+pub const DONOR_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// Options for writing a model directory.
+#[derive(Clone, Debug)]
+pub struct WriteConfig {
+    /// Largest shard in bytes (tensor data); more than one shard adds model.safetensors.index.json.
+    pub max_shard_size: u64,
+}
+
+impl Default for WriteConfig {
+    /// 5 GB shards, as transformers and mergekit default to.
+    fn default() -> Self {
+        WriteConfig {
+            max_shard_size: 5_000_000_000,
+        }
+    }
+}
+
+/// One tensor's place in the output.
+struct Slot {
+    info: TensorInfo,
+    shard: usize,
+    /// Absolute offset in the shard file.
+    offset: u64,
+    written: AtomicBool,
+}
+
+struct ShardFile {
+    name: String,
+    file: File,
+}
+
+/// Writes a model directory: the layout (which tensor goes to which shard, at which offset) is
+/// fixed up front from the tensor list, so each tensor can be written the moment it is ready,
+/// from any thread. Everything goes to a temporary directory beside the target, renamed into place
+/// by [`ModelWriter::finish`]; dropping an unfinished writer removes it.
+pub struct ModelWriter {
+    target: PathBuf,
+    tmp: PathBuf,
+    /// Sorted by name.
+    slots: Vec<Slot>,
+    shards: Vec<ShardFile>,
+    /// Sum of all tensors' data bytes.
+    total_size: u64,
+    done: bool,
+}
+
+static TMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = file.seek_write(buf, offset)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// The shard file names for `n` shards (`model.safetensors`, or
+/// `model-0000i-of-0000N.safetensors`).
+pub fn shard_names(n: usize) -> Vec<String> {
+    if n == 1 {
+        vec![SINGLE_FILE.to_string()]
+    } else {
+        (1..=n)
+            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+            .collect()
+    }
+}
+
+/// Split tensors (sorted by name) into shards of at most `max` data bytes; a tensor larger than
+/// `max` gets a shard of its own. Returns the shard index of each tensor.
+fn assign_shards(tensors: &[TensorInfo], max: u64) -> Vec<usize> {
+    let mut out = Vec::with_capacity(tensors.len());
+    let (mut shard, mut used) = (0usize, 0u64);
+    for t in tensors {
+        let size = (t.numel() * t.dtype.size()) as u64;
+        if used > 0 && used + size > max {
+            shard += 1;
+            used = 0;
+        }
+        used += size;
+        out.push(shard);
+    }
+    out
+}
+
+impl ModelWriter {
+    /// Lay out `tensors` (with their output dtypes) into shards under a temporary directory next
+    /// to `target`. Fails if `target` already exists.
+    pub fn create(target: &Path, tensors: &[TensorInfo], config: &WriteConfig) -> Result<Self> {
+        if target.exists() {
+            return Err(Error::io(
+                target,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "output directory already exists",
+                ),
+            ));
+        }
+        let name = target
+            .file_name()
+            .ok_or_else(|| Error::msg(format!("{}: not a directory name", target.display())))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+
+        let mut sorted = tensors.to_vec();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(w) = sorted.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(Error::Tensor {
+                tensor: w[0].name.clone(),
+                msg: "listed twice in the output tensor list".into(),
+            });
+        }
+        let shard_of = assign_shards(&sorted, config.max_shard_size.max(1));
+        let n_shards = shard_of.last().map_or(1, |s| s + 1);
+        let names = shard_names(n_shards);
+
+        // Temporary directory: `.NAME.tmp-PID-N`, created exclusively.
+        let tmp = loop {
+            let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let candidate = parent.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+            match std::fs::create_dir(&candidate) {
+                Ok(()) => break candidate,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(&candidate, e)),
+            }
+        };
+        // From here on, a failure drops `writer`, which removes `tmp`.
+        let mut writer = ModelWriter {
+            target: target.to_path_buf(),
+            tmp,
+            slots: Vec::with_capacity(sorted.len()),
+            shards: Vec::with_capacity(n_shards),
+            total_size: 0,
+            done: false,
+        };
+
+        // Per shard: data order = 4-byte dtypes first, then 2-byte (each by name), contiguous.
+        let mut offsets = vec![0u64; sorted.len()];
+        for (s, shard_name) in names.iter().enumerate() {
+            let mut members: Vec<usize> = (0..sorted.len()).filter(|&i| shard_of[i] == s).collect();
+            members.sort_by_key(|&i| std::cmp::Reverse(sorted[i].dtype.size()));
+            let mut header = Map::new();
+            header.insert("__metadata__".into(), json!({"format": "pt"}));
+            let mut pos = 0u64;
+            for &i in &members {
+                let t = &sorted[i];
+                let len = (t.numel() * t.dtype.size()) as u64;
+                header.insert(
+                    t.name.clone(),
+                    json!({
+                        "dtype": t.dtype.safetensors_name(),
+                        "shape": t.shape,
+                        "data_offsets": [pos, pos + len],
+                    }),
+                );
+                offsets[i] = pos;
+                pos += len;
+            }
+            let mut text = serde_json::to_string(&Value::Object(header))
+                .map_err(|e| Error::msg(format!("encoding a safetensors header: {e}")))?;
+            while !(8 + text.len()).is_multiple_of(8) {
+                text.push(' ');
+            }
+            let data_start = 8 + text.len() as u64;
+            for &i in &members {
+                offsets[i] += data_start;
+            }
+            let path = writer.tmp.join(shard_name);
+            let file = File::create_new(&path).map_err(io(&path))?;
+            let mut head = (text.len() as u64).to_le_bytes().to_vec();
+            head.extend_from_slice(text.as_bytes());
+            write_all_at(&file, &head, 0).map_err(io(&path))?;
+            file.set_len(data_start + pos).map_err(io(&path))?;
+            writer.total_size += pos;
+            writer.shards.push(ShardFile {
+                name: shard_name.clone(),
+                file,
+            });
+        }
+        for (i, info) in sorted.into_iter().enumerate() {
+            writer.slots.push(Slot {
+                info,
+                shard: shard_of[i],
+                offset: offsets[i],
+                written: AtomicBool::new(false),
+            });
+        }
+        Ok(writer)
+    }
+
+    /// The tensors this writer expects, sorted by name, with their output dtypes.
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorInfo> {
+        self.slots.iter().map(|s| &s.info)
+    }
+
+    /// The target directory.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Number of shard files.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Encode and write one tensor (any thread, any order). `values.len()` must match its shape.
+    pub fn write(&self, name: &str, values: &[f32]) -> Result<()> {
+        let slot = self
+            .slots
+            .binary_search_by(|s| s.info.name.as_str().cmp(name))
+            .map(|i| &self.slots[i])
+            .map_err(|_| Error::Tensor {
+                tensor: name.to_string(),
+                msg: format!("not in the output layout of {}", self.target.display()),
+            })?;
+        if values.len() != slot.info.numel() {
+            return Err(Error::Tensor {
+                tensor: name.to_string(),
+                msg: format!(
+                    "got {} values for shape {:?} ({} elements)",
+                    values.len(),
+                    slot.info.shape,
+                    slot.info.numel()
+                ),
+            });
+        }
+        let shard = &self.shards[slot.shard];
+        let path = self.tmp.join(&shard.name);
+        if slot.info.dtype == DType::F32 && cfg!(target_endian = "little") {
+            write_all_at(&shard.file, bytemuck::cast_slice(values), slot.offset)
+                .map_err(io(&path))?;
+        } else {
+            let bytes = codec::encode_vec(slot.info.dtype, values);
+            write_all_at(&shard.file, bytes.as_slice(), slot.offset).map_err(io(&path))?;
+        }
+        if slot.written.swap(true, Ordering::AcqRel) {
+            return Err(Error::Tensor {
+                tensor: name.to_string(),
+                msg: "written twice".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Check every tensor was written, write config.json (`config` as given), copy tokenizer /
+    /// generation / chat-template files from `donor`, write README.md (`model_card`), then rename
+    /// the temporary directory to the target. Returns the target path.
+    pub fn finish(
+        mut self,
+        config: &serde_json::Value,
+        donor: Option<&Path>,
+        model_card: &str,
+    ) -> Result<PathBuf> {
+        let missing: Vec<&str> = self
+            .slots
+            .iter()
+            .filter(|s| !s.written.load(Ordering::Acquire))
+            .map(|s| s.info.name.as_str())
+            .collect();
+        if let Some(first) = missing.first() {
+            let more = if missing.len() > 1 {
+                format!(" (and {} more)", missing.len() - 1)
+            } else {
+                String::new()
+            };
+            return Err(Error::Tensor {
+                tensor: first.to_string(),
+                msg: format!(
+                    "never written to {}{more}; output discarded",
+                    self.target.display()
+                ),
+            });
+        }
+        // No fsync: the rename makes the output appear only after every byte was handed to
+        // the OS, which covers failed and killed merges (not power loss), as mergekit does.
+        if self.shards.len() > 1 {
+            let weight_map: Map<String, Value> = self
+                .slots
+                .iter()
+                .map(|s| (s.info.name.clone(), json!(self.shards[s.shard].name)))
+                .collect();
+            let index = json!({
+                "metadata": {"total_size": self.total_size},
+                "weight_map": weight_map,
+            });
+            write_json(&self.tmp.join(INDEX_FILE), &index)?;
+        }
+        write_json(&self.tmp.join(CONFIG_FILE), config)?;
+        if let Some(donor) = donor {
+            for file in DONOR_FILES {
+                let from = donor.join(file);
+                if from.is_file() {
+                    let to = self.tmp.join(file);
+                    std::fs::copy(&from, &to).map_err(io(&from))?;
+                }
+            }
+        }
+        let readme = self.tmp.join("README.md");
+        std::fs::write(&readme, model_card).map_err(io(&readme))?;
+
+        if self.target.exists() {
+            return Err(Error::io(
+                &self.target,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "output directory appeared while writing",
+                ),
+            ));
+        }
+        std::fs::rename(&self.tmp, &self.target).map_err(io(&self.target))?;
+        self.done = true;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for ModelWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::msg(format!("{}: encoding JSON: {e}", path.display())))?;
+    text.push('\n');
+    std::fs::write(path, text).map_err(io(path))
+}
+
+/// The config.json for an output model: `donor_config` with the layer count (when given) and the
+/// dtype (`torch_dtype`, and `dtype` where present) updated. The layer-count key is whichever
+/// of `num_hidden_layers` / `n_layer` / `num_layers` / `n_layers` the donor uses
+/// (`num_hidden_layers` if none).
+pub fn output_config(donor_config: &Value, num_layers: Option<usize>, dtype: DType) -> Value {
+    let mut config = donor_config.clone();
+    if !config.is_object() {
+        config = Value::Object(Map::new());
+    }
+    let obj = config.as_object_mut().expect("object");
+    if let Some(n) = num_layers {
+        let key = crate::arch::layer_count_key(donor_config).unwrap_or("num_hidden_layers");
+        obj.insert(key.to_string(), json!(n));
+    }
+    obj.insert("torch_dtype".into(), json!(dtype.torch_name()));
+    if obj.contains_key("dtype") {
+        obj.insert("dtype".into(), json!(dtype.torch_name()));
+    }
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str, dtype: DType, shape: &[usize]) -> TensorInfo {
+        TensorInfo {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn shards_split_by_size_and_keep_big_tensors_whole() {
+        let ts = [
+            t("a", DType::F32, &[4]),  // 16 bytes
+            t("b", DType::F32, &[4]),  // 16
+            t("c", DType::F32, &[10]), // 40 > max: own shard
+            t("d", DType::BF16, &[2]), // 4
+        ];
+        assert_eq!(assign_shards(&ts, 32), vec![0, 0, 1, 2]);
+        assert_eq!(assign_shards(&ts, 1000), vec![0, 0, 0, 0]);
+        assert_eq!(shard_names(1), vec!["model.safetensors"]);
+        assert_eq!(shard_names(2)[1], "model-00002-of-00002.safetensors");
+    }
+
+    #[test]
+    fn output_config_updates_layer_key_and_dtype() {
+        let gpt2 = json!({"n_layer": 12, "model_type": "gpt2"});
+        let out = output_config(&gpt2, Some(6), DType::BF16);
+        assert_eq!(out["n_layer"], 6);
+        assert_eq!(out["torch_dtype"], "bfloat16");
+        assert!(out.get("num_hidden_layers").is_none());
+        let llama = json!({"num_hidden_layers": 2, "torch_dtype": "float32", "dtype": "float32"});
+        let out = output_config(&llama, None, DType::F16);
+        assert_eq!(out["num_hidden_layers"], 2);
+        assert_eq!(out["dtype"], "float16");
+    }
+}
