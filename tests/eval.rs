@@ -1,1 +1,243 @@
-//! Integration tests: eval.
+//! Integration tests: eval — task files on disk, the LM evaluator on a bigram double, the command
+//! evaluator's protocol and each of its failure modes (with `sh -c` scripts), the eval table.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use evomerge::candidate::{Candidate, CandidateBody, MemModel};
+use evomerge::eval::command::{CommandEvaluator, CommandSpec};
+use evomerge::eval::double::{BigramLm, CharVocab, bigram_builder};
+use evomerge::eval::lm::{LmConfig, LmEvaluator};
+use evomerge::eval::tasks::{Metric, Task, TaskSpec};
+use evomerge::eval::{EvalError, Evaluator, Split};
+
+fn merged(model: MemModel, recipe: Option<&str>) -> Candidate {
+    Candidate {
+        body: CandidateBody::Merged(Arc::new(model)),
+        recipe: recipe.map(str::to_string),
+    }
+}
+
+/// Vocabulary `[EOS, a, b, c, \n]`; the chain model maps a → b → c → \n → EOS.
+fn chain_model() -> MemModel {
+    let v = 5;
+    let mut t = vec![0.0f32; v * v];
+    for (from, to) in [(1, 2), (2, 3), (3, 4), (4, 0)] {
+        t[from * v + to] = 5.0;
+    }
+    BigramLm::mem_model(v, t)
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn lm_evaluator_scores_task_files_per_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let gen_dir = dir.path().join("chain");
+    write(
+        &gen_dir.join("dev.jsonl"),
+        "{\"prompt\":\"a\",\"target\":\"bc\"}\n{\"prompt\":\"b\",\"target\":\"a\"}\n",
+    );
+    write(
+        &gen_dir.join("test.jsonl"),
+        "{\"prompt\":\"b\",\"target\":\"c\"}\n",
+    );
+    write(&gen_dir.join("train.jsonl"), "not even json\n");
+    let mc_dir = dir.path().join("mc");
+    write(
+        &mc_dir.join("dev.jsonl"),
+        "{\"prompt\":\"a\",\"choices\":[\"c\",\"b\"],\"answer\":1}\n",
+    );
+    write(
+        &mc_dir.join("test.jsonl"),
+        "{\"prompt\":\"b\",\"choices\":[\"c\",\"a\"],\"answer\":1}\n",
+    );
+    let mut mc = TaskSpec::new("mc", "mc", Metric::MultipleChoice);
+    mc.weight = 3.0;
+    let tasks = [TaskSpec::new("chain", "chain", Metric::ExactMatch), mc]
+        .iter()
+        .map(|s| Task::load(&s.relative_to(dir.path())))
+        .collect::<evomerge::Result<Vec<_>>>()
+        .unwrap();
+    let eval = LmEvaluator::try_new(
+        tasks,
+        Arc::new(CharVocab::new("abc\n")),
+        LmConfig::default(),
+    )
+    .unwrap()
+    .with_builder(bigram_builder());
+    assert_eq!(
+        eval.metric_keys(),
+        ["chain/exact_match", "mc/multiple_choice"]
+    );
+    let c = merged(chain_model(), None);
+    let dev = eval.evaluate(&c, Split::Dev).unwrap();
+    // chain: 1 of 2; mc: 1 of 1 → (0.5 + 3) / 4.
+    assert_eq!(dev.metrics["chain/exact_match"], 0.5);
+    assert_eq!(dev.metrics["mc/multiple_choice"], 1.0);
+    assert_eq!(dev.primary, 0.875);
+    let test = eval.evaluate(&c, Split::Test).unwrap();
+    // chain: "b" → "c" ✓; mc: after "b", "c" is the successor → picks 0, answer 1 ✗.
+    assert_eq!(test.primary, 0.25);
+}
+
+#[test]
+fn missing_split_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("t/dev.jsonl"), "{\"text\":\"ab\"}\n");
+    let spec = TaskSpec::new("t", dir.path().join("t"), Metric::Perplexity);
+    let e = Task::load(&spec).unwrap_err().to_string();
+    assert!(e.contains("t/test.jsonl"), "{e}");
+}
+
+fn sh(script: &str) -> CommandSpec {
+    CommandSpec::new(["sh", "-c", script, "sh", "{split}"])
+}
+
+#[test]
+fn command_success_passes_recipe_split_and_model() {
+    let spec = sh(r#"
+        test "$(cat "$EVOMERGE_RECIPE")" = "merge_method: linear" || exit 7
+        test "$1" = dev || exit 8
+        test -f "$EVOMERGE_MODEL_DIR/config.json" || exit 9
+        test "$EVOMERGE_SPLIT" = dev || exit 10
+        echo "some log line"
+        echo '{"primary": 0.75, "acc": 0.5}'
+    "#);
+    let eval = CommandEvaluator::try_new(spec).unwrap();
+    let c = merged(chain_model(), Some("merge_method: linear"));
+    let s = eval.evaluate(&c, Split::Dev).unwrap();
+    assert_eq!(s.primary, 0.75);
+    assert_eq!(s.metrics["acc"], 0.5);
+}
+
+#[test]
+fn command_metric_key_and_scratch_dir_cleanup() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = sh(r#"echo "$EVOMERGE_WORK_DIR" > "$OUT"; echo '{"acc": 0.25}'"#);
+    spec.metric = Some("acc".into());
+    spec.write_model = false;
+    spec.scratch_dir = Some(dir.path().to_path_buf());
+    spec.env
+        .insert("OUT".into(), dir.path().join("where").display().to_string());
+    let eval = CommandEvaluator::try_new(spec).unwrap();
+    let s = eval
+        .evaluate(&merged(chain_model(), None), Split::Test)
+        .unwrap();
+    assert_eq!(s.primary, 0.25);
+    let work = std::fs::read_to_string(dir.path().join("where")).unwrap();
+    assert!(work.trim().starts_with(&dir.path().display().to_string()));
+    assert!(!Path::new(work.trim()).exists(), "scratch dir left behind");
+}
+
+#[test]
+fn command_nonzero_exit_carries_stderr() {
+    let eval = CommandEvaluator::try_new(sh("echo boom >&2; exit 3")).unwrap();
+    match eval.evaluate(&merged(chain_model(), None), Split::Dev) {
+        Err(EvalError::Exit { status, stderr }) => {
+            assert!(status.contains('3'), "{status}");
+            assert_eq!(stderr, "boom\n");
+        }
+        other => panic!("expected Exit, got {other:?}"),
+    }
+}
+
+#[test]
+fn command_timeout_kills_the_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let mut spec = sh(&format!(
+        "sleep 30 & echo $! > {}; echo started >&2; wait",
+        pidfile.display()
+    ));
+    spec.timeout_s = 0.5;
+    spec.write_model = false;
+    let eval = CommandEvaluator::try_new(spec).unwrap();
+    let start = Instant::now();
+    let r = eval.evaluate(&merged(chain_model(), None), Split::Dev);
+    let took = start.elapsed();
+    match r {
+        Err(EvalError::Timeout { seconds, stderr }) => {
+            assert_eq!(seconds, 0.5);
+            assert_eq!(stderr, "started\n");
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // The background `sleep` (a grandchild) died with its group.
+    #[cfg(target_os = "linux")]
+    {
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let proc = Path::new("/proc").join(pid.trim());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proc.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!proc.exists(), "grandchild {} still alive", pid.trim());
+    }
+}
+
+#[test]
+fn command_garbage_output_is_bad_output() {
+    let eval = CommandEvaluator::try_new(sh("echo oops >&2; echo 'accuracy: 0.5'")).unwrap();
+    match eval.evaluate(&merged(chain_model(), None), Split::Dev) {
+        Err(EvalError::BadOutput {
+            reason,
+            stdout,
+            stderr,
+        }) => {
+            assert!(reason.contains("not JSON"), "{reason}");
+            assert_eq!(stdout, "accuracy: 0.5\n");
+            assert_eq!(stderr, "oops\n");
+        }
+        other => panic!("expected BadOutput, got {other:?}"),
+    }
+    let eval = CommandEvaluator::try_new(sh(r#"echo '{"primary": "high"}'"#)).unwrap();
+    assert!(matches!(
+        eval.evaluate(&merged(chain_model(), None), Split::Dev),
+        Err(EvalError::BadOutput { reason, .. }) if reason.contains("not a number")
+    ));
+}
+
+#[test]
+fn command_nan_metric_is_not_finite() {
+    let eval = CommandEvaluator::try_new(sh(r#"echo '{"primary": NaN}'"#)).unwrap();
+    match eval.evaluate(&merged(chain_model(), None), Split::Dev) {
+        Err(EvalError::NotFinite { metric, value }) => {
+            assert_eq!(metric, "primary");
+            assert!(value.is_nan());
+        }
+        other => panic!("expected NotFinite, got {other:?}"),
+    }
+}
+
+#[test]
+fn command_stderr_is_bounded_to_its_tail() {
+    let mut spec = sh("i=0; while [ $i -lt 2000 ]; do echo line$i >&2; i=$((i+1)); done; exit 1");
+    spec.max_stderr_bytes = 100;
+    spec.write_model = false;
+    let eval = CommandEvaluator::try_new(spec).unwrap();
+    match eval.evaluate(&merged(chain_model(), None), Split::Dev) {
+        Err(EvalError::Exit { stderr, .. }) => {
+            assert!(stderr.starts_with("[… "), "{stderr}");
+            assert!(stderr.ends_with("line1999\n"), "{stderr}");
+            assert!(stderr.len() < 140, "{}", stderr.len());
+        }
+        other => panic!("expected Exit, got {other:?}"),
+    }
+}
+
+#[test]
+fn command_without_recipe_cannot_fill_the_placeholder() {
+    let mut spec = CommandSpec::new(["cat", "{recipe}"]);
+    spec.write_model = false;
+    let eval = CommandEvaluator::try_new(spec).unwrap();
+    assert!(matches!(
+        eval.evaluate(&merged(chain_model(), None), Split::Dev),
+        Err(EvalError::Candidate(m)) if m.contains("{recipe}")
+    ));
+}

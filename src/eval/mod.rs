@@ -4,6 +4,7 @@
 
 pub mod classify;
 
+pub mod command;
 pub mod double;
 pub mod lm;
 pub mod tasks;

@@ -1,0 +1,699 @@
+//! The command evaluator: scores a candidate by running an external program (a benchmark
+//! harness, a script) and reading one JSON object of metrics from its stdout.
+//!
+//! # Protocol
+//!
+//! For every evaluation the evaluator makes a fresh scratch directory and fills it with:
+//!
+//! - `recipe.yaml`: the candidate's recipe (mergekit YAML, or our DFS recipe), when it has one;
+//! - `model/`: the candidate written as a Hugging Face model directory (safetensors shards,
+//!   config.json, tokenizer files copied from `donor`), when the candidate is in memory and
+//!   `write_model` is true (the default). A candidate that already is a directory is passed as
+//!   is; a data-flow (routed) candidate cannot be written and needs `write_model = false`.
+//!
+//! The program gets them through placeholders in its argv (and in `env` values) and through
+//! environment variables:
+//!
+//! | placeholder   | variable             | value                                        |
+//! |---------------|----------------------|----------------------------------------------|
+//! | `{recipe}`    | `EVOMERGE_RECIPE`    | path of the recipe file                      |
+//! | `{model_dir}` | `EVOMERGE_MODEL_DIR` | the model directory                          |
+//! | `{split}`     | `EVOMERGE_SPLIT`     | `dev` (search) or `test` (final report)      |
+//! | `{work_dir}`  | `EVOMERGE_WORK_DIR`  | the scratch directory (write outputs here)   |
+//!
+//! A variable is unset when its value does not exist (no recipe, no model); a placeholder whose
+//! value does not exist is an [`EvalError::Candidate`]. The program's stdin is empty, it runs in
+//! its own process group, and its **last non-empty stdout line** must be one flat JSON object of
+//! numbers, e.g. `{"primary": 0.61, "gsm8k/acc": 0.58, "mmlu/acc": 0.64}` (earlier lines are
+//! free for logs). The fitness is the key named by `metric` (default `primary`). `NaN`,
+//! `Infinity` (as Python's `json.dumps` prints them) and `null` are not finite. The scratch
+//! directory is removed afterwards.
+//!
+//! Failures are typed: exit status ≠ 0 → [`EvalError::Exit`]; past `timeout_s` → the whole
+//! process group is killed and [`EvalError::Timeout`]; a last line that is not such an object,
+//! or a missing fitness key → [`EvalError::BadOutput`]; a non-finite value →
+//! [`EvalError::NotFinite`]. Each carries the tail of the child's stderr (at most
+//! `max_stderr_bytes`).
+//!
+//! ```toml
+//! [evaluator]
+//! command = ["python", "scripts/lm_eval_json.py", "{model_dir}", "{split}", "{work_dir}"]
+//! timeout_s = 3600
+//! metric = "primary"
+//! donor = "models/base"   # tokenizer files for the written model
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::candidate::{Candidate, CandidateBody, MemModel};
+use crate::error::{Error, Result};
+use crate::eval::{EvalError, Evaluator, Score, Split};
+use crate::store::{ModelWriter, TensorInfo, WriteConfig};
+use crate::tensor::DType;
+
+/// The placeholders a command may use.
+pub const PLACEHOLDERS: [&str; 4] = ["recipe", "model_dir", "split", "work_dir"];
+
+fn default_timeout() -> f64 {
+    3600.0
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_stderr_limit() -> usize {
+    64 * 1024
+}
+
+/// How to run the external evaluator (embedded in a search TOML, hence `deny_unknown_fields`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    /// Program and arguments, with placeholders (`{recipe}`, `{model_dir}`, `{split}`,
+    /// `{work_dir}`).
+    pub command: Vec<String>,
+    /// Seconds before the process group is killed. Default 3600.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    /// The output key that is the fitness. Default `primary`.
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// Extra environment variables (placeholders allowed in values).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the program. Default: the current one.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Write in-memory candidates to `{model_dir}` (default true). Set false for programs that
+    /// only need the recipe.
+    #[serde(default = "default_true")]
+    pub write_model: bool,
+    /// A model directory whose tokenizer / generation files are copied into written models.
+    #[serde(default)]
+    pub donor: Option<PathBuf>,
+    /// Storage dtype of written models. Default: the candidate config's `torch_dtype`, else f32.
+    #[serde(default)]
+    pub dtype: Option<DType>,
+    /// Where scratch directories go. Default: the system temp dir.
+    #[serde(default)]
+    pub scratch_dir: Option<PathBuf>,
+    /// How much of the child's stderr (its tail) errors keep. Default 64 KiB.
+    #[serde(default = "default_stderr_limit")]
+    pub max_stderr_bytes: usize,
+}
+
+impl CommandSpec {
+    /// A spec running `command` with the defaults.
+    pub fn new<S: Into<String>>(command: impl IntoIterator<Item = S>) -> Self {
+        CommandSpec {
+            command: command.into_iter().map(Into::into).collect(),
+            timeout_s: default_timeout(),
+            metric: None,
+            env: BTreeMap::new(),
+            cwd: None,
+            write_model: true,
+            donor: None,
+            dtype: None,
+            scratch_dir: None,
+            max_stderr_bytes: default_stderr_limit(),
+        }
+    }
+}
+
+/// Runs an external program per candidate; see the module docs for the protocol.
+pub struct CommandEvaluator {
+    spec: CommandSpec,
+    name: String,
+}
+
+impl CommandEvaluator {
+    /// Validate `spec`: a non-empty command, a positive timeout, only known placeholders.
+    pub fn try_new(spec: CommandSpec) -> Result<Self> {
+        let bad = |msg: String| Error::Eval(format!("command evaluator: {msg}"));
+        if spec.command.is_empty() || spec.command[0].is_empty() {
+            return Err(bad("`command` is empty".into()));
+        }
+        if !(spec.timeout_s.is_finite() && spec.timeout_s > 0.0) {
+            return Err(bad(format!(
+                "`timeout_s` must be positive, got {}",
+                spec.timeout_s
+            )));
+        }
+        for s in spec.command.iter().chain(spec.env.values()) {
+            for p in placeholders_in(s) {
+                if !PLACEHOLDERS.contains(&p) {
+                    return Err(bad(format!(
+                        "unknown placeholder `{{{p}}}` in {s:?} (known: {})",
+                        PLACEHOLDERS.map(|p| format!("{{{p}}}")).join(", ")
+                    )));
+                }
+            }
+        }
+        let name = Path::new(&spec.command[0])
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "command".into());
+        Ok(CommandEvaluator { spec, name })
+    }
+
+    /// The spec it runs.
+    pub fn spec(&self) -> &CommandSpec {
+        &self.spec
+    }
+
+    fn uses(&self, placeholder: &str) -> bool {
+        self.spec
+            .command
+            .iter()
+            .chain(self.spec.env.values())
+            .any(|s| placeholders_in(s).contains(&placeholder))
+    }
+
+    /// Write `model` under `dir/model` as a Hugging Face directory.
+    fn write_model(&self, model: &MemModel, dir: &Path) -> Result<PathBuf> {
+        let dtype = self.spec.dtype.unwrap_or_else(|| {
+            model
+                .config
+                .get("torch_dtype")
+                .and_then(|v| v.as_str())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(DType::F32)
+        });
+        let infos: Vec<TensorInfo> = model
+            .tensors
+            .iter()
+            .map(|(name, t)| TensorInfo {
+                name: name.clone(),
+                dtype,
+                shape: t.shape.clone(),
+            })
+            .collect();
+        let target = dir.join("model");
+        let writer = ModelWriter::create(
+            &target,
+            &infos,
+            &WriteConfig {
+                max_shard_size: 5_000_000_000,
+            },
+        )?;
+        for (name, t) in &model.tensors {
+            writer.write(name, &t.data)?;
+        }
+        let mut config = model.config.clone();
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert("torch_dtype".into(), dtype.torch_name().into());
+        }
+        writer.finish(
+            &config,
+            self.spec.donor.as_deref(),
+            "Candidate written by evomerge for an external evaluator.\n",
+        )
+    }
+
+    fn run(&self, candidate: &Candidate, split: Split) -> Result<Score, EvalError> {
+        let scratch = ScratchDir::create(self.spec.scratch_dir.as_deref())?;
+        let mut values: BTreeMap<&str, String> = BTreeMap::new();
+        values.insert("work_dir", path_str(scratch.path()));
+        values.insert(
+            "split",
+            match split {
+                Split::Dev => "dev",
+                Split::Test => "test",
+            }
+            .into(),
+        );
+        if let Some(recipe) = &candidate.recipe {
+            let path = scratch.path().join("recipe.yaml");
+            std::fs::write(&path, recipe).map_err(|e| Error::io(&path, e))?;
+            values.insert("recipe", path_str(&path));
+        }
+        let model_dir = match &candidate.body {
+            CandidateBody::Dir(dir) => Some(dir.clone()),
+            CandidateBody::Merged(model) if self.spec.write_model => Some(
+                self.write_model(model, scratch.path())
+                    .map_err(|e| EvalError::Candidate(format!("writing the model: {e}")))?,
+            ),
+            CandidateBody::Routed { .. } if self.spec.write_model => {
+                return Err(EvalError::Candidate(
+                    "a routed (data-flow) candidate cannot be written as a model directory; \
+                     set `write_model = false` for a recipe-only command"
+                        .into(),
+                ));
+            }
+            _ => None,
+        };
+        if let Some(dir) = model_dir {
+            values.insert("model_dir", path_str(&dir));
+        }
+        for p in PLACEHOLDERS {
+            if self.uses(p) && !values.contains_key(p) {
+                return Err(EvalError::Candidate(format!(
+                    "the command uses {{{p}}} but the candidate has none"
+                )));
+            }
+        }
+
+        let argv: Vec<String> = self
+            .spec
+            .command
+            .iter()
+            .map(|a| substitute(a, &values))
+            .collect();
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (p, var) in [
+            ("recipe", "EVOMERGE_RECIPE"),
+            ("model_dir", "EVOMERGE_MODEL_DIR"),
+            ("split", "EVOMERGE_SPLIT"),
+            ("work_dir", "EVOMERGE_WORK_DIR"),
+        ] {
+            match values.get(p) {
+                Some(v) => cmd.env(var, v),
+                None => cmd.env_remove(var),
+            };
+        }
+        for (k, v) in &self.spec.env {
+            cmd.env(k, substitute(v, &values));
+        }
+        if let Some(cwd) = &self.spec.cwd {
+            cmd.current_dir(cwd);
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let out = run_with_timeout(
+            cmd,
+            &argv[0],
+            Duration::from_secs_f64(self.spec.timeout_s),
+            self.spec.max_stderr_bytes,
+        )?;
+        match out.status {
+            Outcome::TimedOut => Err(EvalError::Timeout {
+                seconds: self.spec.timeout_s,
+                stderr: out.stderr,
+            }),
+            Outcome::Exited(status) if !status.success() => Err(EvalError::Exit {
+                status: status.to_string(),
+                stderr: out.stderr,
+            }),
+            Outcome::Exited(_) => {
+                let key = self.spec.metric.as_deref().unwrap_or("primary");
+                score_from_stdout(&out.stdout, key).map_err(|e| match e {
+                    OutputError::Bad(reason) => EvalError::BadOutput {
+                        reason,
+                        stdout: tail_chars(&out.stdout, 2000),
+                        stderr: out.stderr,
+                    },
+                    OutputError::NotFinite(metric, value) => EvalError::NotFinite { metric, value },
+                })
+            }
+        }
+    }
+}
+
+impl Evaluator for CommandEvaluator {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn evaluate(&self, candidate: &Candidate, split: Split) -> Result<Score, EvalError> {
+        self.run(candidate, split)
+    }
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The `{name}` placeholders in `s` (names of ASCII lowercase letters and `_`).
+fn placeholders_in(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        match after.find('}') {
+            Some(close)
+                if close > 0
+                    && after[..close]
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b == b'_') =>
+            {
+                out.push(&after[..close]);
+                rest = &after[close + 1..];
+            }
+            _ => rest = after,
+        }
+    }
+    out
+}
+
+fn substitute(s: &str, values: &BTreeMap<&str, String>) -> String {
+    let mut out = s.to_string();
+    for (k, v) in values {
+        out = out.replace(&format!("{{{k}}}"), v);
+    }
+    out
+}
+
+/// Why stdout could not be turned into a score.
+#[derive(Debug, PartialEq)]
+enum OutputError {
+    Bad(String),
+    NotFinite(String, f64),
+}
+
+const NAN: &str = "__evomerge_nan__";
+const INF: &str = "__evomerge_inf__";
+const NEG_INF: &str = "__evomerge_neg_inf__";
+
+/// Replace the bare tokens `NaN`, `Infinity`, `-Infinity` (outside strings) with sentinel
+/// strings, so Python's non-standard JSON parses and non-finite values can be reported as such.
+fn quote_non_finite(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut i = 0;
+    while i < line.len() {
+        let rest = &line[i..];
+        let c = rest.chars().next().expect("non-empty");
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            i += c.len_utf8();
+            continue;
+        }
+        let token = [("-Infinity", NEG_INF), ("Infinity", INF), ("NaN", NAN)]
+            .into_iter()
+            .find(|(t, _)| rest.starts_with(t));
+        if let Some((t, sentinel)) = token {
+            out.push('"');
+            out.push_str(sentinel);
+            out.push('"');
+            i += t.len();
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+        i += c.len_utf8();
+    }
+    out
+}
+
+/// Parse the metrics on the last non-empty line of `stdout` and pick `key` as the fitness.
+fn score_from_stdout(stdout: &str, key: &str) -> Result<Score, OutputError> {
+    let line = stdout
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .ok_or_else(|| OutputError::Bad("empty output".into()))?;
+    let value: serde_json::Value = serde_json::from_str(&quote_non_finite(line))
+        .map_err(|e| OutputError::Bad(format!("last non-empty line is not JSON: {e}")))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err(OutputError::Bad(
+            "last non-empty line is not a JSON object".into(),
+        ));
+    };
+    let mut metrics = BTreeMap::new();
+    for (k, v) in &map {
+        let x = match v {
+            serde_json::Value::Number(n) => n
+                .as_f64()
+                .ok_or_else(|| OutputError::Bad(format!("metric `{k}` is not a number")))?,
+            serde_json::Value::String(s) if s == NAN => f64::NAN,
+            serde_json::Value::String(s) if s == INF => f64::INFINITY,
+            serde_json::Value::String(s) if s == NEG_INF => f64::NEG_INFINITY,
+            serde_json::Value::Null => f64::NAN,
+            other => {
+                return Err(OutputError::Bad(format!(
+                    "metric `{k}` is not a number: {other}"
+                )));
+            }
+        };
+        metrics.insert(k.clone(), x);
+    }
+    if let Some((k, v)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(OutputError::NotFinite(k.clone(), *v));
+    }
+    let primary = *metrics
+        .get(key)
+        .ok_or_else(|| OutputError::Bad(format!("no `{key}` key among the metrics")))?;
+    Ok(Score { primary, metrics })
+}
+
+fn tail_chars(s: &str, n: usize) -> String {
+    let count = s.chars().count();
+    if count <= n {
+        s.to_string()
+    } else {
+        format!("…{}", s.chars().skip(count - n).collect::<String>())
+    }
+}
+
+/// A scratch directory removed on drop.
+struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    fn create(parent: Option<&Path>) -> Result<Self> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let parent = parent
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        loop {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path = parent.join(format!(
+                "evomerge-eval-{}-{n}-{nanos:08x}",
+                std::process::id()
+            ));
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Ok(ScratchDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The last `cap` bytes read from a pipe, and how many were dropped before them.
+#[derive(Default)]
+struct Tail {
+    bytes: Vec<u8>,
+    dropped: usize,
+}
+
+impl Tail {
+    fn text(&self) -> String {
+        let s = String::from_utf8_lossy(&self.bytes);
+        if self.dropped > 0 {
+            format!("[… {} bytes cut …]{s}", self.dropped)
+        } else {
+            s.into_owned()
+        }
+    }
+}
+
+/// Read `r` to its end on a thread, keeping the last `cap` bytes. The receiver fires when done.
+fn spawn_reader(mut r: impl Read + Send + 'static, cap: usize) -> (Arc<Mutex<Tail>>, Receiver<()>) {
+    let tail = Arc::new(Mutex::new(Tail::default()));
+    let (tx, rx) = mpsc::channel();
+    let t = tail.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+                    t.bytes.extend_from_slice(&buf[..n]);
+                    if t.bytes.len() > cap.saturating_mul(2).max(8192) {
+                        let cut = t.bytes.len() - cap;
+                        t.bytes.drain(..cut);
+                        t.dropped += cut;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(());
+    });
+    (tail, rx)
+}
+
+fn finish_tail(tail: &Mutex<Tail>, cap: usize) -> String {
+    let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+    if t.bytes.len() > cap {
+        let cut = t.bytes.len() - cap;
+        t.bytes.drain(..cut);
+        t.dropped += cut;
+    }
+    t.text()
+}
+
+enum Outcome {
+    Exited(std::process::ExitStatus),
+    TimedOut,
+}
+
+struct Output {
+    status: Outcome,
+    stdout: String,
+    stderr: String,
+}
+
+/// Kill the child's whole process group (it leads its own group), then the child itself.
+fn kill_tree(child: &mut std::process::Child) {
+    #[cfg(unix)]
+    {
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: kill(2) with a negative pid signals the process group the child leads
+            // (it was spawned with process_group(0)); it has no memory-safety preconditions.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+    let _ = child.kill();
+}
+
+/// How long to wait for the pipes to close after the child is gone (a grandchild that left the
+/// process group may still hold them).
+const PIPE_GRACE: Duration = Duration::from_secs(2);
+
+const STDOUT_CAP: usize = 1 << 20;
+
+fn run_with_timeout(
+    mut cmd: Command,
+    program: &str,
+    timeout: Duration,
+    stderr_cap: usize,
+) -> Result<Output, EvalError> {
+    let mut child = cmd.spawn().map_err(|e| Error::io(program, e))?;
+    let (out_tail, out_done) = spawn_reader(child.stdout.take().expect("piped"), STDOUT_CAP);
+    let (err_tail, err_done) = spawn_reader(child.stderr.take().expect("piped"), stderr_cap);
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Outcome::Exited(status),
+            Ok(None) => {}
+            Err(e) => {
+                kill_tree(&mut child);
+                let _ = child.wait();
+                return Err(Error::io(program, e).into());
+            }
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            kill_tree(&mut child);
+            let _ = child.wait();
+            break Outcome::TimedOut;
+        }
+        std::thread::sleep(pause.min(timeout - elapsed));
+        pause = (pause * 2).min(Duration::from_millis(50));
+    };
+    // Leftover background processes of the evaluator die with it.
+    #[cfg(unix)]
+    if let Outcome::Exited(_) = status {
+        kill_tree(&mut child);
+    }
+    let deadline = Instant::now() + PIPE_GRACE;
+    for done in [&out_done, &err_done] {
+        let _ = done.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+    Ok(Output {
+        status,
+        stdout: finish_tail(&out_tail, STDOUT_CAP),
+        stderr: finish_tail(&err_tail, stderr_cap),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_placeholders() {
+        assert_eq!(
+            placeholders_in("--a={model_dir},x={split}{}{\"k\": 1}"),
+            vec!["model_dir", "split"]
+        );
+        let v: BTreeMap<&str, String> = [("split", "dev".to_string())].into();
+        assert_eq!(substitute("s={split}/{split}", &v), "s=dev/dev");
+        let e = CommandEvaluator::try_new(CommandSpec::new(["x", "{modeldir}"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown placeholder `{modeldir}`"), "{e}");
+    }
+
+    #[test]
+    fn parses_last_line_and_non_finite_values() {
+        let s = score_from_stdout("log\n{\"primary\": 0.5, \"b\": 2}\n\n", "primary").unwrap();
+        assert_eq!(s.primary, 0.5);
+        assert_eq!(s.metrics["b"], 2.0);
+        assert_eq!(score_from_stdout("{\"b\": 2}", "b").unwrap().primary, 2.0);
+        assert!(matches!(
+            score_from_stdout(r#"{"primary": 1, "x": NaN}"#, "primary"),
+            Err(OutputError::NotFinite(k, v)) if k == "x" && v.is_nan()
+        ));
+        assert!(matches!(
+            score_from_stdout(r#"{"primary": -Infinity}"#, "primary"),
+            Err(OutputError::NotFinite(k, v)) if k == "primary" && v == f64::NEG_INFINITY
+        ));
+        // Inside strings the tokens are left alone (and then rejected as non-numbers).
+        assert!(matches!(
+            score_from_stdout(r#"{"primary": "NaN"}"#, "primary"),
+            Err(OutputError::Bad(m)) if m.contains("not a number")
+        ));
+        assert!(matches!(
+            score_from_stdout("{\"a\": 1}", "primary"),
+            Err(OutputError::Bad(m)) if m.contains("no `primary` key")
+        ));
+        assert!(matches!(
+            score_from_stdout("[1, 2]", "primary"),
+            Err(OutputError::Bad(m)) if m.contains("not a JSON object")
+        ));
+        assert!(matches!(
+            score_from_stdout("  \n", "primary"),
+            Err(OutputError::Bad(m)) if m == "empty output"
+        ));
+    }
+}
