@@ -12,6 +12,9 @@ use std::collections::BTreeMap;
 use crate::error::{Error, Result};
 
 pub mod executor;
+pub mod fisher;
+pub mod regmean;
+pub mod soup;
 
 /// Where a parameter is set: once per tensor for the whole merge, or once per input model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,7 +130,7 @@ pub fn tensor_seed(seed: u64, tensor: &str) -> u64 {
 
 /// Every registered method.
 pub fn registry() -> &'static [&'static dyn MergeMethod] {
-    &[]
+    &[&fisher::Fisher, &regmean::RegMean]
 }
 
 /// Look a method up by its registry key; the error lists the known keys.

@@ -1,0 +1,294 @@
+//! Fisher-weighted averaging (Matena & Raffel 2022, "Merging Models with Fisher-Weighted
+//! Averaging", NeurIPS).
+//!
+//! Each model's parameters are weighted, entry by entry, by its diagonal Fisher information:
+//!
+//! ```text
+//! θ = Σᵢ λᵢ (Fᵢ + ε) θᵢ  /  Σᵢ λᵢ (Fᵢ + ε)
+//! ```
+//!
+//! `λᵢ` is the per-model `weight` (default 1), `ε` the global `epsilon` floor (default 1e-6, as in
+//! the paper's code) that keeps entries no data touches at the plain weighted average.
+//!
+//! `Fᵢ` is read from `fisher.safetensors` beside each model (same tensor names and shapes). It is
+//! made by [`mlp_fisher`] (or any code that calls [`fisher_diagonal`]): the mean over examples of
+//! the squared gradient of `log p(y|x)`, with `y` the true label (the "empirical" Fisher) or drawn
+//! from the model's own prediction (the Fisher the paper uses).
+//!
+//! Workflow: `Mlp::train` → `mlp_fisher(&mlp, &train_data, FisherLabels::Sampled(seed), 1000)` →
+//! `save_fisher(dir, &f)`; then a recipe with `merge_method: fisher`.
+
+use std::path::Path;
+
+use candle_core::{D, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::candidate::TensorMap;
+use crate::error::{Error, Result};
+use crate::eval::classify::Dataset;
+use crate::merge::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
+use crate::model::mlp::Mlp;
+use crate::tensor::TensorBuf;
+
+/// The file beside each model that holds its diagonal Fisher.
+pub const FISHER_FILE: &str = "fisher.safetensors";
+
+/// Registry key `fisher`.
+pub struct Fisher;
+
+const PARAMS: &[ParamDecl] = &[
+    ParamDecl {
+        name: "weight",
+        scope: Scope::PerModel,
+        kind: ParamKind::Float { min: 0.0, max: 1.0 },
+        default: Some(1.0),
+        doc: "λᵢ: the model's share before Fisher weighting",
+    },
+    ParamDecl {
+        name: "epsilon",
+        scope: Scope::Global,
+        kind: ParamKind::Float { min: 0.0, max: 1.0 },
+        default: Some(1e-6),
+        doc: "floor added to every Fisher entry (ε)",
+    },
+];
+
+impl MergeMethod for Fisher {
+    fn name(&self) -> &'static str {
+        "fisher"
+    }
+
+    fn params(&self) -> &'static [ParamDecl] {
+        PARAMS
+    }
+
+    fn base(&self) -> BaseUse {
+        BaseUse::Optional
+    }
+
+    fn model_count(&self) -> (usize, Option<usize>) {
+        (1, None)
+    }
+
+    fn aux(&self) -> Option<&'static str> {
+        Some(FISHER_FILE)
+    }
+
+    fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>> {
+        let err = |msg: String| Error::Method {
+            method: "fisher".into(),
+            msg: format!("tensor `{}`: {msg}", input.tensor),
+        };
+        let n = input.shape.iter().product::<usize>();
+        if input.aux.len() != input.models.len() {
+            return Err(err(format!(
+                "{} Fisher diagonals for {} models (is {FISHER_FILE} beside every model?)",
+                input.aux.len(),
+                input.models.len()
+            )));
+        }
+        let eps = input.global.get("epsilon")?;
+        let mut num = vec![0f64; n];
+        let mut den = vec![0f64; n];
+        for (i, (theta, fisher)) in input.models.iter().zip(&input.aux).enumerate() {
+            let fisher =
+                fisher.ok_or_else(|| err(format!("model {i} has no entry in {FISHER_FILE}")))?;
+            if fisher.len() != n || theta.len() != n {
+                return Err(err(format!(
+                    "model {i}: {} values and {} Fisher entries, expected {n}",
+                    theta.len(),
+                    fisher.len()
+                )));
+            }
+            let lambda = input.model_params[i].get("weight")?;
+            for k in 0..n {
+                let w = lambda * (f64::from(fisher[k]) + eps);
+                num[k] += w * f64::from(theta[k]);
+                den[k] += w;
+            }
+        }
+        Ok(num
+            .iter()
+            .zip(&den)
+            .map(|(a, b)| if *b > 0.0 { (a / b) as f32 } else { 0.0 })
+            .collect())
+    }
+}
+
+/// Which labels the log-likelihood is taken of.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FisherLabels {
+    /// The data's labels (the empirical Fisher).
+    True,
+    /// One label per example drawn from the model's predicted distribution, seeded.
+    Sampled(u64),
+}
+
+/// Diagonal Fisher of the parameters `vars`: the mean over `n` examples of the squared gradient of
+/// `log_likelihood(k)` (a scalar tensor for example `k`). Returned under the vars' names.
+pub fn fisher_diagonal(
+    vars: &[(String, Var)],
+    n: usize,
+    mut log_likelihood: impl FnMut(usize) -> Result<Tensor>,
+) -> Result<TensorMap> {
+    if n == 0 {
+        return Err(Error::msg("the Fisher needs at least one example"));
+    }
+    let mut sums: Vec<Tensor> = vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().zeros_like())
+        .collect::<candle_core::Result<_>>()?;
+    for k in 0..n {
+        let grads = log_likelihood(k)?.backward()?;
+        for ((_, v), sum) in vars.iter().zip(sums.iter_mut()) {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                *sum = (&*sum + g.sqr()?)?;
+            }
+        }
+    }
+    let mut out = TensorMap::new();
+    for ((name, v), sum) in vars.iter().zip(sums) {
+        let mean = (sum / n as f64)?;
+        let data = mean.flatten_all()?.to_vec1::<f32>()?;
+        out.insert(name.clone(), TensorBuf::new(v.dims().to_vec(), data));
+    }
+    Ok(out)
+}
+
+/// The diagonal Fisher of an MLP classifier on (at most `max_examples` of) `data`.
+pub fn mlp_fisher(
+    mlp: &Mlp,
+    data: &Dataset,
+    labels: FisherLabels,
+    max_examples: usize,
+) -> Result<TensorMap> {
+    let device = Device::Cpu;
+    let n = data.len().min(max_examples);
+    let x = data.x_tensor(&device)?;
+    let mut rng = StdRng::seed_from_u64(match labels {
+        FisherLabels::Sampled(seed) => seed,
+        FisherLabels::True => 0,
+    });
+    fisher_diagonal(&mlp.named_vars(), n, |k| {
+        let xk = x.narrow(0, k, 1)?;
+        let log_p = candle_nn::ops::log_softmax(&mlp.forward(&xk)?, D::Minus1)?.squeeze(0)?;
+        let y = match labels {
+            FisherLabels::True => data.y[k] as usize,
+            FisherLabels::Sampled(_) => {
+                let p: Vec<f32> = log_p.exp()?.to_vec1()?;
+                let mut u = rng.random::<f32>();
+                let mut pick = p.len() - 1;
+                for (c, pc) in p.iter().enumerate() {
+                    if u < *pc {
+                        pick = c;
+                        break;
+                    }
+                    u -= pc;
+                }
+                pick
+            }
+        };
+        Ok(log_p.get(y)?)
+    })
+}
+
+/// Write `dir/fisher.safetensors`.
+pub fn save_fisher(dir: &Path, fisher: &TensorMap) -> Result<()> {
+    crate::model::mlp::save_tensors(&dir.join(FISHER_FILE), fisher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::Params;
+
+    fn input<'a>(
+        models: Vec<&'a [f32]>,
+        aux: Vec<Option<&'a [f32]>>,
+        weights: &[f64],
+        eps: f64,
+    ) -> MergeInput<'a> {
+        let mut global = Params::default();
+        global.set("epsilon", eps);
+        MergeInput {
+            tensor: "t",
+            shape: &[2],
+            base: None,
+            model_params: weights
+                .iter()
+                .map(|w| {
+                    let mut p = Params::default();
+                    p.set("weight", *w);
+                    p
+                })
+                .collect(),
+            models,
+            global,
+            aux,
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn fisher_weights_each_entry() {
+        // Entry 0: F = (3, 1) → (3·1 + 1·5) / 4 = 2.  Entry 1: F = (0, 0) → plain mean 3 via ε.
+        let (a, b) = ([1f32, 2.], [5f32, 4.]);
+        let (fa, fb) = ([3f32, 0.], [1f32, 0.]);
+        let out = Fisher
+            .merge(&input(
+                vec![&a, &b],
+                vec![Some(&fa), Some(&fb)],
+                &[1., 1.],
+                1e-6,
+            ))
+            .unwrap();
+        assert!((out[0] - 2.0).abs() < 1e-5, "{out:?}");
+        assert!((out[1] - 3.0).abs() < 1e-5, "{out:?}");
+        // λ = (1, 3) on entry 0: (3·1 + 3·1·5) / (3 + 3) = 3.
+        let out = Fisher
+            .merge(&input(
+                vec![&a, &b],
+                vec![Some(&fa), Some(&fb)],
+                &[1., 3.],
+                0.,
+            ))
+            .unwrap();
+        assert!((out[0] - 3.0).abs() < 1e-6, "{out:?}");
+    }
+
+    #[test]
+    fn missing_fisher_is_an_error_naming_the_file() {
+        let (a, b) = ([1f32, 2.], [5f32, 4.]);
+        let fa = [1f32, 1.];
+        let err = Fisher
+            .merge(&input(vec![&a, &b], vec![Some(&fa), None], &[1., 1.], 1e-6))
+            .unwrap_err();
+        assert!(err.to_string().contains(FISHER_FILE), "{err}");
+    }
+
+    #[test]
+    fn fisher_of_a_linear_softmax_matches_hand_computation() {
+        // Logits z = W x with W = 0 (2 classes, 1 input x = 2): p = (½, ½). With true label 0,
+        // ∂ log p₀ / ∂W = (1 − p₀, −p₁)·x = (1, −1) → squared (1, 1); bias grads (½, −½)² = ¼.
+        let mut t = TensorMap::new();
+        t.insert(
+            "layers.0.weight".into(),
+            TensorBuf::new(vec![2, 1], vec![0., 0.]),
+        );
+        t.insert(
+            "layers.0.bias".into(),
+            TensorBuf::new(vec![2], vec![0., 0.]),
+        );
+        let cfg = crate::model::mlp::MlpConfig::relu(vec![1, 2]);
+        let mlp = Mlp::from_tensors(&cfg, &t, Path::new("t"), &Device::Cpu).unwrap();
+        let data = Dataset {
+            x: vec![2.0],
+            y: vec![0],
+            dim: 1,
+        };
+        let f = mlp_fisher(&mlp, &data, FisherLabels::True, 10).unwrap();
+        assert_eq!(f["layers.0.weight"].data, vec![1.0, 1.0]);
+        assert_eq!(f["layers.0.bias"].data, vec![0.25, 0.25]);
+    }
+}
