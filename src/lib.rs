@@ -10,6 +10,8 @@ pub mod eval;
 pub mod merge;
 pub mod model;
 pub mod recipe;
+pub mod report;
+pub mod search;
 pub mod store;
 pub mod synth;
 pub mod tensor;

@@ -1,0 +1,174 @@
+//! The end-of-search report: each source model, the default merge (or route) and the evolved
+//! candidate scored on the **test** split, one column per task, as a Markdown table.
+//!
+//! [`crate::search::run::Search::make_report`] scores the rows; [`save`] writes
+//! `report.json` (every metric) and `report.md` (the table) into the output directory;
+//! [`report`] re-reads `report.json` and returns the table (what `evomerge report OUT_DIR`
+//! prints). Plots live in [`plots`].
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::eval::Split;
+
+pub mod plots;
+
+/// File names inside an output directory.
+pub const REPORT_JSON: &str = "report.json";
+pub const REPORT_MD: &str = "report.md";
+
+/// One scored candidate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub name: String,
+    /// The evaluator's primary value on the report split (mean over tasks); `None` on failure.
+    pub primary: Option<f64>,
+    pub metrics: BTreeMap<String, f64>,
+    /// Dev-split fitness from the search (the evolved row only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_fitness: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub seconds: f64,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub search: String,
+    pub split: Split,
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// The metric columns: per-task `<task>/score` keys when the evaluator gives them, else
+    /// every metric key.
+    pub fn columns(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .rows
+            .iter()
+            .flat_map(|r| r.metrics.keys().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        let scores: Vec<String> = all
+            .iter()
+            .filter(|k| k.ends_with("/score"))
+            .cloned()
+            .collect();
+        if scores.is_empty() { all } else { scores }
+    }
+
+    /// The Markdown table.
+    pub fn markdown(&self) -> String {
+        let cols = self.columns();
+        let split = match self.split {
+            Split::Dev => "dev",
+            Split::Test => "test",
+        };
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "Search `{}`: scores on the **{split}** split.\n",
+            self.search
+        );
+        let heads: Vec<String> = cols
+            .iter()
+            .map(|c| c.strip_suffix("/score").unwrap_or(c).to_string())
+            .collect();
+        let _ = writeln!(s, "| candidate | {} | mean |", heads.join(" | "));
+        let _ = writeln!(s, "|---|{}---:|", "---:|".repeat(cols.len()));
+        for r in &self.rows {
+            let cells: Vec<String> = cols
+                .iter()
+                .map(|c| r.metrics.get(c).map_or("–".into(), |v| format!("{v:.3}")))
+                .collect();
+            let mean = match (&r.primary, &r.error) {
+                (Some(p), _) => format!("**{p:.3}**"),
+                (None, Some(_)) => "failed".into(),
+                _ => "–".into(),
+            };
+            let _ = writeln!(s, "| {} | {} | {mean} |", r.name, cells.join(" | "));
+        }
+        for r in self.rows.iter().filter(|r| r.error.is_some()) {
+            let _ = writeln!(
+                s,
+                "\n`{}` failed: {}",
+                r.name,
+                r.error.as_deref().unwrap_or("")
+            );
+        }
+        s
+    }
+}
+
+/// Write `report.json` and `report.md` into `out_dir`.
+pub fn save(out_dir: &Path, report: &Report) -> Result<()> {
+    let json = out_dir.join(REPORT_JSON);
+    let text = serde_json::to_string_pretty(report)
+        .map_err(|e| Error::Search(format!("cannot encode the report: {e}")))?;
+    std::fs::write(&json, text).map_err(|e| Error::io(&json, e))?;
+    let md = out_dir.join(REPORT_MD);
+    std::fs::write(&md, report.markdown()).map_err(|e| Error::io(&md, e))
+}
+
+/// Read `out_dir/report.json`.
+pub fn load(out_dir: &Path) -> Result<Report> {
+    let path = out_dir.join(REPORT_JSON);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path,
+        msg: e.to_string(),
+    })
+}
+
+/// The Markdown table of a finished search (what `evomerge report OUT_DIR` prints).
+pub fn report(out_dir: &Path) -> Result<String> {
+    Ok(load(out_dir)?.markdown())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_table_has_one_column_per_task() {
+        let row = |name: &str, a: f64, b: f64| Row {
+            name: name.into(),
+            primary: Some((a + b) / 2.0),
+            metrics: BTreeMap::from([
+                ("add/exact_match".to_string(), a),
+                ("add/score".to_string(), a),
+                ("cipher/score".to_string(), b),
+            ]),
+            dev_fitness: None,
+            error: None,
+            seconds: 0.1,
+        };
+        let mut failed = row("broken", 0.0, 0.0);
+        failed.primary = None;
+        failed.metrics.clear();
+        failed.error = Some("missing tensor".into());
+        let r = Report {
+            search: "toy".into(),
+            split: Split::Test,
+            rows: vec![row("add", 0.9, 0.1), row("evolved", 0.8, 0.7), failed],
+        };
+        let md = r.markdown();
+        assert!(md.contains("| candidate | add | cipher | mean |"), "{md}");
+        assert!(
+            md.contains("| evolved | 0.800 | 0.700 | **0.750** |"),
+            "{md}"
+        );
+        assert!(md.contains("| broken | – | – | failed |"), "{md}");
+        assert!(md.contains("`broken` failed: missing tensor"), "{md}");
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &r).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), r);
+        assert_eq!(report(dir.path()).unwrap(), md);
+    }
+}

@@ -1,0 +1,435 @@
+//! Search definitions: the `searches/*.toml` files. Unknown keys are refused everywhere, so a typo
+//! is an error that names the key, never a silently ignored setting.
+//!
+//! ```toml
+//! name = "toy-ps"
+//! models = ["../assets/toy/add", "../assets/toy/cipher"]   # relative to this file's folder
+//! base_model = "../assets/toy/base"                        # PS only
+//! method = "ties"                                          # a merge-method registry key (PS only)
+//! output = "../runs/toy-ps"                                # default: runs/<name> beside searches/
+//!
+//! [space]
+//! kind = "ps"                  # "ps" | "dfs" | "ps_dfs"
+//! granularity = "per_layer"    # "whole" | "per_layer" | "every:K"
+//! split_attn_mlp = false       # separate genes for `self_attn` and `mlp` tensors
+//! embeddings = true            # embeddings / final norm / head as their own layer group
+//! params = ["weight", "density"]   # default: every Float parameter the method declares
+//! ranges = { density = [0.1, 1.0] }  # narrow a declared range (never widen)
+//! defaults = { weight = 0.5 }        # the "default merge" and the initial mean
+//!
+//! [evaluator]
+//! kind = "lm"                  # "lm" | "command"
+//! fitness_split = "dev"        # "test" is refused: it is held out for the report
+//! tasks = [                    # crate::eval::tasks::TaskSpec, paths relative to this file
+//!   { name = "add", path = "../assets/toy/tasks/add", metric = "exact_match" },
+//! ]
+//!
+//! [optimizer]
+//! sigma0 = 0.2                 # in gene units (a PS gene's whole range is 1.0)
+//! population = 8
+//! generations = 12             # and/or max_evaluations = 96
+//! seed = 1
+//! restarts = "none"            # "none" | "ipop" | "bipop"
+//!
+//! [parallelism]
+//! slots = 2                    # candidates evaluated at once
+//! ```
+//!
+//! A DFS space (`kind = "dfs"`) takes `repeats` (r), `scale_range` (the scaling matrix's range),
+//! `indicator_threshold` (a slot is used when its gene is above it) and `embed_model` (index into
+//! `models`). `kind = "ps_dfs"` adds `ps_search` (a PS search definition, relative to this file):
+//! that search's best recipe (run first if its output has none) is merged in memory and joins
+//! the DFS pool as the last model, which is also the default embedding model.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::eval::Split;
+use crate::eval::tasks::TaskSpec;
+
+/// A whole search definition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchDef {
+    pub name: String,
+    /// Source models (PS: merged with the base; DFS: the layer pool).
+    pub models: Vec<PathBuf>,
+    /// The base model of a PS merge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<PathBuf>,
+    /// The merge method's registry key (PS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Output directory; default `runs/<name>` next to the definition's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<PathBuf>,
+    /// Seed for random merge methods (DARE, DELLA); fixed for the whole search.
+    #[serde(default)]
+    pub merge_seed: u64,
+    pub space: SpaceDef,
+    pub evaluator: EvaluatorDef,
+    pub optimizer: OptimizerDef,
+    #[serde(default)]
+    pub parallelism: ParallelismDef,
+}
+
+/// Which search space.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SpaceDef {
+    /// Parameter space: per-layer-group coefficients of the merge method.
+    Ps(PsDef),
+    /// Data-flow space: which layer of which model at each hop.
+    Dfs(DfsDef),
+    /// A PS result (from another search definition) joins the DFS pool.
+    PsDfs {
+        /// The PS search definition, relative to this file.
+        ps_search: PathBuf,
+        #[serde(flatten)]
+        dfs: DfsDef,
+    },
+}
+
+/// Layer grouping of a PS space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granularity {
+    /// One group for all layers.
+    Whole,
+    /// One group per layer.
+    PerLayer,
+    /// One group per `k` consecutive layers (the last group may be shorter).
+    Every(usize),
+}
+
+impl Granularity {
+    /// Layer groups `[start, end)` for `n_layers` layers.
+    pub fn groups(self, n_layers: usize) -> Vec<(usize, usize)> {
+        let k = match self {
+            Granularity::Whole => n_layers.max(1),
+            Granularity::PerLayer => 1,
+            Granularity::Every(k) => k,
+        };
+        (0..n_layers)
+            .step_by(k)
+            .map(|s| (s, (s + k).min(n_layers)))
+            .collect()
+    }
+}
+
+impl fmt::Display for Granularity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Granularity::Whole => write!(f, "whole"),
+            Granularity::PerLayer => write!(f, "per_layer"),
+            Granularity::Every(k) => write!(f, "every:{k}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Granularity {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "whole" => Ok(Granularity::Whole),
+            "per_layer" => Ok(Granularity::PerLayer),
+            _ => {
+                let k = s
+                    .strip_prefix("every:")
+                    .and_then(|k| k.trim().parse::<usize>().ok())
+                    .filter(|k| *k > 0);
+                k.map(Granularity::Every).ok_or_else(|| {
+                    format!(
+                        "granularity `{s}`: expected \"whole\", \"per_layer\" or \"every:K\" (K ≥ 1)"
+                    )
+                })
+            }
+        }
+    }
+}
+
+impl Serialize for Granularity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Granularity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_granularity() -> Granularity {
+    Granularity::PerLayer
+}
+fn yes() -> bool {
+    true
+}
+
+/// Parameter-space settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PsDef {
+    #[serde(default = "default_granularity")]
+    pub granularity: Granularity,
+    #[serde(default)]
+    pub split_attn_mlp: bool,
+    /// Embeddings, final norm and head as their own group.
+    #[serde(default = "yes")]
+    pub embeddings: bool,
+    /// Which declared parameters get genes; `None` = every Float parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Vec<String>>,
+    /// Narrowed ranges `[min, max]` per parameter name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ranges: BTreeMap<String, [f64; 2]>,
+    /// Values for the default genome (overrides the declared defaults).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub defaults: BTreeMap<String, f64>,
+}
+
+fn default_repeats() -> usize {
+    2
+}
+fn default_scale_range() -> [f64; 2] {
+    [0.5, 1.5]
+}
+
+/// Data-flow-space settings (Akiba et al. 2024, "Evolutionary Optimization of Model Merging
+/// Recipes", §3.2).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DfsDef {
+    /// r: how many times the layer sequence of all models is repeated.
+    #[serde(default = "default_repeats")]
+    pub repeats: usize,
+    /// Range of the scaling matrix W's entries.
+    #[serde(default = "default_scale_range")]
+    pub scale_range: [f64; 2],
+    /// A slot is used when its indicator gene is above this.
+    #[serde(default)]
+    pub indicator_threshold: f64,
+    /// Index (into the pool) of the model whose embeddings, first and last layer and head are
+    /// kept; default 0 for `dfs`, the PS model for `ps_dfs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed_model: Option<usize>,
+}
+
+fn dev() -> Split {
+    Split::Dev
+}
+
+/// The evaluator and its tasks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EvaluatorDef {
+    /// Held-out language-model tasks (task directories, relative to the definition).
+    Lm {
+        tasks: Vec<TaskSpec>,
+        /// Sequences per forward call (default 32).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        batch_size: Option<usize>,
+        #[serde(default = "dev")]
+        fitness_split: Split,
+    },
+    /// An external command (JSON in, JSON metrics out).
+    Command {
+        command: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_s: Option<f64>,
+        #[serde(default = "dev")]
+        fitness_split: Split,
+    },
+}
+
+impl EvaluatorDef {
+    /// The split the search's fitness is computed on.
+    pub fn fitness_split(&self) -> Split {
+        match self {
+            EvaluatorDef::Lm { fitness_split, .. }
+            | EvaluatorDef::Command { fitness_split, .. } => *fitness_split,
+        }
+    }
+}
+
+/// Restart strategy of the optimizer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Restarts {
+    #[default]
+    None,
+    /// Restart with doubled population (Auger & Hansen 2005).
+    Ipop,
+    /// Alternate large- and small-population restarts (Hansen 2009).
+    Bipop,
+}
+
+fn default_sigma0() -> f64 {
+    0.2
+}
+
+/// CMA-ES settings and the budget.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerDef {
+    #[serde(default = "default_sigma0")]
+    pub sigma0: f64,
+    /// λ; default 4 + ⌊3 ln n⌋.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub population: Option<usize>,
+    /// Stop after this many generations (all restarts together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generations: Option<usize>,
+    /// Stop before a generation that would exceed this many evaluations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_evaluations: Option<usize>,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub restarts: Restarts,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// How many candidates are evaluated at once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelismDef {
+    #[serde(default = "one")]
+    pub slots: usize,
+}
+
+impl Default for ParallelismDef {
+    fn default() -> Self {
+        ParallelismDef { slots: 1 }
+    }
+}
+
+impl SearchDef {
+    /// Parse a definition from TOML text; relative paths are resolved against `dir`.
+    pub fn from_toml(text: &str, dir: &Path, path: &Path) -> Result<SearchDef> {
+        let mut def: SearchDef = toml::from_str(text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        def.resolve(dir);
+        if def.output.is_none() {
+            let root = dir.parent().unwrap_or(dir);
+            def.output = Some(root.join("runs").join(&def.name));
+        }
+        def.validate().map_err(|msg| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        })?;
+        Ok(def)
+    }
+
+    /// Read and validate `path`.
+    pub fn load(path: &Path) -> Result<SearchDef> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        SearchDef::from_toml(&text, dir, path)
+    }
+
+    fn resolve(&mut self, dir: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        self.models.iter_mut().for_each(join);
+        if let Some(b) = self.base_model.as_mut() {
+            join(b);
+        }
+        if let Some(o) = self.output.as_mut() {
+            join(o);
+        }
+        if let SpaceDef::PsDfs { ps_search, .. } = &mut self.space {
+            join(ps_search);
+        }
+        if let EvaluatorDef::Lm { tasks, .. } = &mut self.evaluator {
+            for t in tasks.iter_mut() {
+                *t = t.relative_to(dir);
+            }
+        }
+    }
+
+    /// The output directory (always set after loading).
+    pub fn output_dir(&self) -> PathBuf {
+        self.output
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+    }
+
+    /// Check the settings that serde cannot.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.models.is_empty() {
+            return Err("`models` is empty".into());
+        }
+        if self.evaluator.fitness_split() == Split::Test {
+            return Err(
+                "evaluator.fitness_split = \"test\" is refused: the test split is held out \
+                        for the final report; use \"dev\""
+                    .into(),
+            );
+        }
+        match &self.space {
+            SpaceDef::Ps(ps) => {
+                if self.method.is_none() {
+                    return Err("a `ps` space needs `method`".into());
+                }
+                for (name, [lo, hi]) in &ps.ranges {
+                    if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                        return Err(format!("space.ranges.{name}: [{lo}, {hi}] is not a range"));
+                    }
+                }
+            }
+            SpaceDef::Dfs(d) | SpaceDef::PsDfs { dfs: d, .. } => {
+                if d.repeats == 0 {
+                    return Err("space.repeats must be ≥ 1".into());
+                }
+                let [lo, hi] = d.scale_range;
+                if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                    return Err(format!("space.scale_range [{lo}, {hi}] is not a range"));
+                }
+                let pool =
+                    self.models.len() + usize::from(matches!(self.space, SpaceDef::PsDfs { .. }));
+                if let Some(e) = d.embed_model
+                    && e >= pool
+                {
+                    return Err(format!(
+                        "space.embed_model = {e}, but the pool has {pool} models"
+                    ));
+                }
+            }
+        }
+        let o = &self.optimizer;
+        if !(o.sigma0.is_finite() && o.sigma0 > 0.0) {
+            return Err(format!("optimizer.sigma0 = {} must be > 0", o.sigma0));
+        }
+        if o.population.is_some_and(|p| p < 2) {
+            return Err("optimizer.population must be ≥ 2".into());
+        }
+        if o.generations.is_none() && o.max_evaluations.is_none() {
+            return Err(
+                "the optimizer needs a budget: `generations` and/or `max_evaluations`".into(),
+            );
+        }
+        if self.parallelism.slots == 0 {
+            return Err("parallelism.slots must be ≥ 1".into());
+        }
+        Ok(())
+    }
+}

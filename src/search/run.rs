@@ -1,0 +1,808 @@
+//! The search loop: [`run_search`] runs a definition to the end, [`resume`] continues a killed
+//! run from its output directory to the identical result.
+//!
+//! ```no_run
+//! use evomerge::search::{SearchDef, run_search, run::RunOptions};
+//! # fn main() -> evomerge::Result<()> {
+//! let def = SearchDef::load("searches/toy-ps.toml".as_ref())?;
+//! let summary = run_search(&def, &def.output_dir(), &RunOptions::default())?;
+//! println!("best dev fitness {:?}", summary.best.fitness);
+//! # Ok(()) }
+//! ```
+//!
+//! Each generation: the optimizer proposes λ genomes; each is decoded by the [`Space`], built
+//! into an in-memory [`Candidate`] by a [`CandidateBuilder`] (a merge into memory for PS, a
+//! route over in-memory models for DFS), scored by the [`Evaluator`] on the dev split, and
+//! appended to the history at once. A failure (decode, merge, evaluator error or panic, a
+//! non-finite score) is logged with its message and told to CMA-ES as the finite
+//! [`FAILURE_FITNESS`]; the search goes on.
+//!
+//! Output directory:
+//!
+//! | file | what |
+//! |---|---|
+//! | `search.toml` | the definition with resolved paths (what [`resume`] re-reads) |
+//! | `history.jsonl`, `generations.csv` | see [`crate::search::history`] |
+//! | `best_genome.json` | the best record (genome, recipe, dev metrics) |
+//! | `best_recipe.yaml` | PS: the best recipe as mergekit YAML (runnable by `evomerge merge` and mergekit) |
+//! | `best_route.json` | DFS: the best route, see [`RouteFile`] |
+//! | `model/` | PS: the best recipe merged to disk in Hugging Face layout |
+//! | `report.json`, `report.md` | test-split scores of the sources, the default and the evolved candidate |
+//! | `plots/*.png`, `plots/*.svg` | see [`crate::report::plots`] |
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::candidate::{Candidate, CandidateBody, MemModel, Route};
+use crate::error::{Error, Result};
+use crate::eval::{Evaluator, Split};
+use crate::search::def::{EvaluatorDef, SearchDef, SpaceDef};
+use crate::search::history::{self, GenerationRow, GenerationsCsv, HistoryWriter, Record, Replay};
+use crate::search::optimizer::{Objective, Optimizer, OptimizerConfig};
+use crate::search::space::{Decoded, DfsSpace, PsModels, PsSpace, Space};
+use crate::store::{Model, ModelSet, TensorSource};
+
+/// The fitness a failed evaluation counts as (finite, so CMA-ES keeps running; it ranks below
+/// every real score).
+pub const FAILURE_FITNESS: f64 = -1e12;
+
+/// Turns a decoded genome into a candidate to score.
+pub trait CandidateBuilder: Send + Sync {
+    fn build(&self, decoded: &Decoded) -> Result<Candidate>;
+}
+
+/// The real builder: PS recipes are merged in memory from memory-mapped models (opened once,
+/// shared by every candidate), DFS routes run over the in-memory pool.
+pub struct MergeBuilder {
+    pub models: ModelSet,
+    pub seed: u64,
+    pub pool: Vec<Arc<MemModel>>,
+}
+
+/// Parse mergekit YAML produced by the PS decoder.
+pub fn parse_recipe(text: &str) -> Result<crate::recipe::Recipe> {
+    let _ = text;
+    Err(Error::Search(
+        "mergekit YAML parsing is not available in this build".into(),
+    ))
+}
+
+impl CandidateBuilder for MergeBuilder {
+    fn build(&self, decoded: &Decoded) -> Result<Candidate> {
+        match decoded {
+            Decoded::Recipe(yaml) => {
+                let recipe = parse_recipe(yaml)?;
+                let mut models = self.models.clone();
+                let merged =
+                    crate::merge::executor::merge_in_memory(&recipe, &mut models, self.seed)?;
+                Ok(Candidate {
+                    body: CandidateBody::Merged(Arc::new(merged)),
+                    recipe: Some(yaml.clone()),
+                })
+            }
+            Decoded::Route(route) => Ok(Candidate {
+                body: CandidateBody::Routed {
+                    models: self.pool.clone(),
+                    route: route.clone(),
+                },
+                recipe: Some(decoded.text()),
+            }),
+        }
+    }
+}
+
+/// The DFS / PS+DFS result file (`best_route.json`): the pool (model directories, and for
+/// PS+DFS the PS recipe file whose merge is the last pool model) and the route through it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteFile {
+    /// Pool models in order: a model directory, or `ps:<recipe.yaml>` for a PS merge.
+    pub models: Vec<String>,
+    pub route: Route,
+}
+
+/// Options of a run (everything a test or the CLI may want to change that is not part of the
+/// search definition).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Write the best PS recipe to `model/` at the end.
+    pub write_model: bool,
+    /// Score the report rows on the test split at the end.
+    pub report: bool,
+    /// Draw the plots at the end.
+    pub plots: bool,
+    /// Test hook: behave as if killed once this many new evaluations have started (the
+    /// generation in flight is abandoned; nothing after it is written).
+    pub stop_after_evals: Option<usize>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            progress: true,
+            write_model: true,
+            report: true,
+            plots: true,
+            stop_after_evals: None,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    /// The best record (highest dev fitness).
+    pub best: Record,
+    /// Generations run (replayed included).
+    pub generations: usize,
+    /// Evaluations run now / answered from the history.
+    pub evaluated: usize,
+    pub replayed: usize,
+    pub failures: usize,
+    /// True when stopped by [`RunOptions::stop_after_evals`].
+    pub interrupted: bool,
+    /// Wall time of the optimisation loop, and the part of it spent building and scoring
+    /// candidates (summed over evaluations; divide by slots for wall-clock share).
+    pub loop_seconds: f64,
+    pub eval_seconds: f64,
+    /// The report, when made.
+    pub report: Option<crate::report::Report>,
+}
+
+/// A prepared search: the space, how candidates are built and scored, and the report rows.
+pub struct Search {
+    pub def: SearchDef,
+    pub space: Space,
+    pub builder: Arc<dyn CandidateBuilder>,
+    pub evaluator: Arc<dyn Evaluator>,
+    /// Report rows scored as they are: the source models (and the PS model for PS+DFS).
+    pub sources: Vec<(String, Candidate)>,
+    /// Pool model names for the route file (DFS).
+    pub pool_names: Vec<String>,
+    /// The recipe merged to disk at the end (PS), `None` for DFS.
+    pub merge_models: Option<ModelSet>,
+}
+
+fn read_mem_model(path: &Path) -> Result<MemModel> {
+    let model = Model::open(path)?;
+    let mut tensors = crate::candidate::TensorMap::new();
+    for info in model.tensors() {
+        tensors.insert(info.name.clone(), model.read(&info.name)?);
+    }
+    Ok(MemModel {
+        config: model.config().clone(),
+        tensors,
+    })
+}
+
+fn layers_of(model: &dyn TensorSource) -> Result<usize> {
+    let infos = model.tensor_infos();
+    crate::arch::layer_count(model.config())
+        .or_else(|| crate::arch::layer_count_from_names(infos.iter().map(|i| i.name.as_str())))
+        .ok_or_else(|| {
+            Error::Search(format!(
+                "{}: cannot tell how many layers it has",
+                model.label()
+            ))
+        })
+}
+
+fn path_name(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Build the evaluator a definition names.
+pub fn build_evaluator(def: &SearchDef) -> Result<Arc<dyn Evaluator>> {
+    match &def.evaluator {
+        EvaluatorDef::Lm {
+            tasks, batch_size, ..
+        } => {
+            let tasks = tasks
+                .iter()
+                .map(crate::eval::tasks::Task::load)
+                .collect::<Result<Vec<_>>>()?;
+            let donor = def.base_model.as_ref().unwrap_or(&def.models[0]);
+            let tokenizer: Arc<dyn crate::tokenizer::TextTokenizer> =
+                Arc::from(crate::tokenizer::load_tokenizer(donor)?);
+            Ok(Arc::new(crate::eval::lm::LmEvaluator::try_new(
+                tasks,
+                tokenizer,
+                crate::eval::lm::LmConfig {
+                    batch_size: batch_size.unwrap_or(32),
+                    ..Default::default()
+                },
+            )?))
+        }
+        EvaluatorDef::Command { .. } => Err(Error::Search(
+            "the command evaluator is not available in this build".into(),
+        )),
+    }
+}
+
+impl Search {
+    /// Open the models, build the space and the evaluator (PS+DFS: run or reuse the PS search).
+    pub fn prepare(def: &SearchDef, options: &RunOptions) -> Result<Search> {
+        let evaluator = build_evaluator(def)?;
+        let mut models = ModelSet::new();
+        match &def.space {
+            SpaceDef::Ps(ps) => {
+                let method_name = def.method.as_deref().unwrap_or_default();
+                let method = crate::merge::method(method_name)?;
+                let base = def.base_model.as_ref();
+                let probe_path = base.unwrap_or(&def.models[0]);
+                let probe = models.get_or_open(probe_path)?;
+                for m in &def.models {
+                    models.get_or_open(m)?;
+                }
+                let names: Vec<String> = probe.tensor_infos().into_iter().map(|i| i.name).collect();
+                let pos = |p: crate::arch::Position| -> Vec<String> {
+                    names
+                        .iter()
+                        .filter(|n| crate::arch::position(n) == p)
+                        .cloned()
+                        .collect()
+                };
+                let info = PsModels {
+                    method: method_name.to_string(),
+                    decls: method.params().to_vec(),
+                    models: def.models.iter().map(|p| path_name(p)).collect(),
+                    base: base.map(|b| path_name(b)),
+                    n_layers: layers_of(probe.as_ref())?,
+                    pre_tensors: pos(crate::arch::Position::Pre),
+                    post_tensors: pos(crate::arch::Position::Post),
+                };
+                let space = Space::Ps(PsSpace::new(info, ps)?);
+                let sources = def
+                    .models
+                    .iter()
+                    .chain(base)
+                    .map(|p| {
+                        (
+                            display_name(p),
+                            Candidate {
+                                body: CandidateBody::Dir(p.clone()),
+                                recipe: None,
+                            },
+                        )
+                    })
+                    .collect();
+                Ok(Search {
+                    def: def.clone(),
+                    space,
+                    builder: Arc::new(MergeBuilder {
+                        models: models.clone(),
+                        seed: def.merge_seed,
+                        pool: Vec::new(),
+                    }),
+                    evaluator,
+                    sources,
+                    pool_names: Vec::new(),
+                    merge_models: Some(models),
+                })
+            }
+            SpaceDef::Dfs(dfs) | SpaceDef::PsDfs { dfs, .. } => {
+                let mut pool = Vec::new();
+                let mut pool_names = Vec::new();
+                let mut sources = Vec::new();
+                for p in &def.models {
+                    pool.push(Arc::new(read_mem_model(p)?));
+                    pool_names.push(path_name(p));
+                    sources.push((
+                        display_name(p),
+                        Candidate {
+                            body: CandidateBody::Dir(p.clone()),
+                            recipe: None,
+                        },
+                    ));
+                }
+                let mut embed = dfs.embed_model.unwrap_or(0);
+                if let SpaceDef::PsDfs { ps_search, .. } = &def.space {
+                    let ps_def = SearchDef::load(ps_search)?;
+                    let ps_out = ps_def.output_dir();
+                    let recipe_path = ps_out.join("best_recipe.yaml");
+                    if !recipe_path.exists() {
+                        let ps_opts = RunOptions {
+                            stop_after_evals: None,
+                            ..options.clone()
+                        };
+                        if ps_out.join(history::HISTORY_FILE).exists() {
+                            resume_with(&ps_out, &ps_opts)?;
+                        } else {
+                            run_search(&ps_def, &ps_out, &ps_opts)?;
+                        }
+                    }
+                    let yaml = std::fs::read_to_string(&recipe_path)
+                        .map_err(|e| Error::io(&recipe_path, e))?;
+                    let recipe = parse_recipe(&yaml)?;
+                    let merged = crate::merge::executor::merge_in_memory(
+                        &recipe,
+                        &mut models,
+                        ps_def.merge_seed,
+                    )?;
+                    let merged = Arc::new(merged);
+                    pool.push(merged.clone());
+                    pool_names.push(format!("ps:{}", path_name(&recipe_path)));
+                    sources.push((
+                        "PS merge".to_string(),
+                        Candidate {
+                            body: CandidateBody::Merged(merged),
+                            recipe: Some(yaml),
+                        },
+                    ));
+                    embed = dfs.embed_model.unwrap_or(pool.len() - 1);
+                }
+                let layers = pool
+                    .iter()
+                    .map(|m| layers_of(m.as_ref()))
+                    .collect::<Result<Vec<_>>>()?;
+                let space = Space::Dfs(DfsSpace::new(layers, embed, dfs)?);
+                Ok(Search {
+                    def: def.clone(),
+                    space,
+                    builder: Arc::new(MergeBuilder {
+                        models,
+                        seed: def.merge_seed,
+                        pool,
+                    }),
+                    evaluator,
+                    sources,
+                    pool_names,
+                    merge_models: None,
+                })
+            }
+        }
+    }
+
+    /// Run (or, with a history present, continue) the search into `out_dir`.
+    pub fn run(&self, out_dir: &Path, options: &RunOptions) -> Result<RunSummary> {
+        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+        let def_path = out_dir.join("search.toml");
+        let def_text = toml::to_string(&self.def)
+            .map_err(|e| Error::Search(format!("cannot write search.toml: {e}")))?;
+        std::fs::write(&def_path, def_text).map_err(|e| Error::io(&def_path, e))?;
+
+        let names: Vec<String> = match &self.space {
+            Space::Ps(_) => self.def.models.iter().map(|p| display_name(p)).collect(),
+            Space::Dfs(_) => self.sources.iter().map(|(n, _)| n.clone()).collect(),
+        };
+        let space_path = out_dir.join("space.json");
+        let space_text = serde_json::to_string_pretty(&self.space.describe(names))
+            .map_err(|e| Error::Search(format!("cannot encode space.json: {e}")))?;
+        std::fs::write(&space_path, space_text).map_err(|e| Error::io(&space_path, e))?;
+
+        let replay = Replay::new(history::load(out_dir)?);
+        let replayed_available = replay.len();
+        let ctx = Arc::new(Ctx {
+            space: self.space.clone(),
+            builder: self.builder.clone(),
+            evaluator: self.evaluator.clone(),
+            split: self.def.evaluator.fitness_split(),
+            history: HistoryWriter::open(out_dir)?,
+            replay,
+            generation: AtomicUsize::new(0),
+            run: AtomicUsize::new(0),
+            index: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+            stop_after: options.stop_after_evals,
+            stopped: AtomicBool::new(false),
+            records: Mutex::new(Vec::new()),
+            counters: Mutex::new(Counters::default()),
+            write_error: Mutex::new(None),
+        });
+        let mut csv = GenerationsCsv::create(out_dir)?;
+        let o = &self.def.optimizer;
+        let cfg = OptimizerConfig {
+            sigma0: o.sigma0,
+            population: o.population,
+            generations: o.generations,
+            max_evaluations: o.max_evaluations,
+            seed: o.seed,
+            restarts: o.restarts,
+            slots: self.def.parallelism.slots,
+        };
+        let c2 = ctx.clone();
+        let objective: Objective = Arc::new(move |x: &[f64]| c2.objective(x));
+        let space = self.space.clone();
+        let mut opt = Optimizer::new(
+            self.space.default_genome(),
+            cfg,
+            objective,
+            Box::new(move |rng| space.random_genome(rng)),
+        )?;
+
+        let bar = progress_bar(options.progress, opt.budget_evals());
+        let start = Instant::now();
+        let mut all: Vec<Record> = Vec::new();
+        let mut generations = 0;
+        let mut interrupted = false;
+        loop {
+            let (run, generation) = opt.next_generation();
+            ctx.run.store(run, Ordering::SeqCst);
+            ctx.generation.store(generation, Ordering::SeqCst);
+            ctx.index.store(0, Ordering::SeqCst);
+            let Some(info) = opt.step()? else { break };
+            if let Some(e) = ctx
+                .write_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+            {
+                return Err(e);
+            }
+            let mut records =
+                std::mem::take(&mut *ctx.records.lock().unwrap_or_else(|p| p.into_inner()));
+            if ctx.stopped.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            records.sort_by_key(|r| r.index);
+            csv.write(&GenerationRow::from_records(
+                info.generation,
+                info.run,
+                info.evals,
+                info.sigma,
+                &records,
+            ))?;
+            all.extend(records);
+            generations += 1;
+            let c = *ctx.counters.lock().unwrap_or_else(|p| p.into_inner());
+            let best = history::best(&all).and_then(|r| r.fitness);
+            bar.set_position(info.evals as u64);
+            bar.set_message(format!(
+                "gen {} · best {} · {:.2} s/eval{}",
+                info.generation,
+                best.map_or("–".into(), |b| format!("{b:.4}")),
+                if c.evaluated > 0 {
+                    c.eval_seconds / c.evaluated as f64
+                } else {
+                    0.0
+                },
+                if c.replayed > 0 {
+                    format!(" · {} replayed", c.replayed)
+                } else {
+                    String::new()
+                },
+            ));
+        }
+        bar.finish_and_clear();
+        let loop_seconds = start.elapsed().as_secs_f64();
+        let c = *ctx.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = replayed_available;
+
+        let best = history::best(&all).cloned().ok_or_else(|| {
+            Error::Search(if interrupted {
+                "interrupted before any generation finished".into()
+            } else {
+                "every evaluation failed; see history.jsonl for the errors".into()
+            })
+        })?;
+        let mut summary = RunSummary {
+            best: best.clone(),
+            generations,
+            evaluated: c.evaluated,
+            replayed: c.replayed,
+            failures: all.iter().filter(|r| r.fitness.is_none()).count(),
+            interrupted,
+            loop_seconds,
+            eval_seconds: c.eval_seconds,
+            report: None,
+        };
+        if interrupted {
+            return Ok(summary);
+        }
+        self.write_outputs(out_dir, &best, options, &mut summary)?;
+        Ok(summary)
+    }
+
+    fn write_outputs(
+        &self,
+        out_dir: &Path,
+        best: &Record,
+        options: &RunOptions,
+        summary: &mut RunSummary,
+    ) -> Result<()> {
+        let write = |name: &str, text: &str| -> Result<()> {
+            let p = out_dir.join(name);
+            std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+        };
+        write(
+            "best_genome.json",
+            &serde_json::to_string_pretty(best).unwrap_or_default(),
+        )?;
+        let decoded = self.space.decode(&best.genome)?;
+        match &decoded {
+            Decoded::Recipe(yaml) => {
+                write("best_recipe.yaml", yaml)?;
+                if options.write_model
+                    && let Some(models) = &self.merge_models
+                {
+                    let target = out_dir.join("model");
+                    if target.exists() {
+                        std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+                    }
+                    let recipe = parse_recipe(yaml)?;
+                    let merge_options = crate::merge::executor::MergeOptions {
+                        seed: self.def.merge_seed,
+                        ..Default::default()
+                    };
+                    crate::merge::executor::merge_to_disk(
+                        &recipe,
+                        &mut models.clone(),
+                        &target,
+                        &merge_options,
+                    )?;
+                }
+            }
+            Decoded::Route(route) => {
+                let file = RouteFile {
+                    models: self.pool_names.clone(),
+                    route: route.clone(),
+                };
+                write(
+                    "best_route.json",
+                    &serde_json::to_string_pretty(&file).unwrap_or_default(),
+                )?;
+            }
+        }
+        if options.report {
+            let report = self.make_report(best)?;
+            crate::report::save(out_dir, &report)?;
+            summary.report = Some(report);
+        }
+        if options.plots {
+            crate::report::plots::plot(out_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Score the sources, the default genome and the best genome on the test split.
+    pub fn make_report(&self, best: &Record) -> Result<crate::report::Report> {
+        let mut rows: Vec<(String, Candidate, Option<f64>)> = self
+            .sources
+            .iter()
+            .map(|(n, c)| (n.clone(), c.clone(), None))
+            .collect();
+        let default_label = match self.space {
+            Space::Ps(_) => "default merge",
+            Space::Dfs(_) => "default route (embedding model)",
+        };
+        let default = self.space.decode(&self.space.default_genome())?;
+        rows.push((default_label.into(), self.builder.build(&default)?, None));
+        let evolved_label = match &self.def.space {
+            SpaceDef::Ps(_) => "evolved (PS)",
+            SpaceDef::Dfs(_) => "evolved (DFS)",
+            SpaceDef::PsDfs { .. } => "evolved (PS+DFS)",
+        };
+        let decoded = self.space.decode(&best.genome)?;
+        rows.push((
+            evolved_label.into(),
+            self.builder.build(&decoded)?,
+            best.fitness,
+        ));
+        let mut report = crate::report::Report {
+            search: self.def.name.clone(),
+            split: Split::Test,
+            rows: Vec::new(),
+        };
+        for (name, candidate, dev) in rows {
+            let t = Instant::now();
+            let row = match self.evaluator.evaluate(&candidate, Split::Test) {
+                Ok(score) => crate::report::Row {
+                    name,
+                    primary: Some(score.primary),
+                    metrics: score.metrics,
+                    dev_fitness: dev,
+                    error: None,
+                    seconds: t.elapsed().as_secs_f64(),
+                },
+                Err(e) => crate::report::Row {
+                    name,
+                    primary: None,
+                    metrics: Default::default(),
+                    dev_fitness: dev,
+                    error: Some(e.to_string()),
+                    seconds: t.elapsed().as_secs_f64(),
+                },
+            };
+            report.rows.push(row);
+        }
+        Ok(report)
+    }
+}
+
+fn display_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+fn progress_bar(show: bool, len: Option<usize>) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = match len {
+        Some(n) => indicatif::ProgressBar::new(n as u64),
+        None => indicatif::ProgressBar::no_length(),
+    };
+    let style = indicatif::ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:30}] {pos}/{len} evals · {msg}",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    evaluated: usize,
+    replayed: usize,
+    eval_seconds: f64,
+}
+
+/// Everything the objective needs; shared by the evaluation threads.
+struct Ctx {
+    space: Space,
+    builder: Arc<dyn CandidateBuilder>,
+    evaluator: Arc<dyn Evaluator>,
+    split: Split,
+    history: HistoryWriter,
+    replay: Replay,
+    run: AtomicUsize,
+    generation: AtomicUsize,
+    index: AtomicUsize,
+    started: AtomicUsize,
+    stop_after: Option<usize>,
+    stopped: AtomicBool,
+    records: Mutex<Vec<Record>>,
+    counters: Mutex<Counters>,
+    write_error: Mutex<Option<Error>>,
+}
+
+fn objective_value(r: &Record) -> f64 {
+    -r.fitness.unwrap_or(FAILURE_FITNESS)
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+impl Ctx {
+    fn objective(&self, x: &[f64]) -> f64 {
+        let generation = self.generation.load(Ordering::SeqCst);
+        if let Some(r) = self.replay.get(generation, x) {
+            let r = r.clone();
+            let v = objective_value(&r);
+            self.counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replayed += 1;
+            self.records
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(r);
+            return v;
+        }
+        if self.stopped.load(Ordering::SeqCst) {
+            return 0.0;
+        }
+        let n = self.started.fetch_add(1, Ordering::SeqCst);
+        if self.stop_after.is_some_and(|k| n >= k) {
+            self.stopped.store(true, Ordering::SeqCst);
+            return 0.0;
+        }
+        let index = self.index.fetch_add(1, Ordering::SeqCst);
+        let t = Instant::now();
+        let decoded = self.space.decode(x);
+        let recipe = decoded.as_ref().map(Decoded::text).unwrap_or_default();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(
+            || -> std::result::Result<crate::eval::Score, String> {
+                let decoded = decoded.map_err(|e| e.to_string())?;
+                let candidate = self
+                    .builder
+                    .build(&decoded)
+                    .map_err(|e| format!("building the candidate: {e}"))?;
+                let score = self
+                    .evaluator
+                    .evaluate(&candidate, self.split)
+                    .map_err(|e| e.to_string())?;
+                if !score.primary.is_finite() {
+                    return Err(format!("the fitness is not finite ({})", score.primary));
+                }
+                Ok(score)
+            },
+        ))
+        .unwrap_or_else(|p| Err(format!("the evaluation panicked: {}", panic_message(p))));
+        let seconds = t.elapsed().as_secs_f64();
+        let record = match outcome {
+            Ok(score) => Record {
+                run: self.run.load(Ordering::SeqCst),
+                generation,
+                index,
+                genome: x.to_vec(),
+                recipe,
+                fitness: Some(score.primary),
+                metrics: score.metrics,
+                seconds,
+                error: None,
+            },
+            Err(e) => Record {
+                run: self.run.load(Ordering::SeqCst),
+                generation,
+                index,
+                genome: x.to_vec(),
+                recipe,
+                fitness: None,
+                metrics: Default::default(),
+                seconds,
+                error: Some(e),
+            },
+        };
+        if let Err(e) = self.history.append(&record) {
+            *self.write_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+        }
+        {
+            let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            c.evaluated += 1;
+            c.eval_seconds += seconds;
+        }
+        let v = objective_value(&record);
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(record);
+        v
+    }
+}
+
+/// Run `def` into `out_dir` (which must not hold a history yet; use [`resume`] for that).
+pub fn run_search(def: &SearchDef, out_dir: &Path, options: &RunOptions) -> Result<RunSummary> {
+    if out_dir.join(history::HISTORY_FILE).exists() {
+        return Err(Error::Search(format!(
+            "{} already holds a search history: resume it with `evomerge resume {}`, or choose \
+             another output directory",
+            out_dir.display(),
+            out_dir.display()
+        )));
+    }
+    Search::prepare(def, options)?.run(out_dir, options)
+}
+
+/// Continue the search recorded in `out_dir` (re-read from its `search.toml`): the run is
+/// repeated with the same seed and every proposal already in the history is answered from it.
+pub fn resume(out_dir: &Path) -> Result<RunSummary> {
+    resume_with(out_dir, &RunOptions::default())
+}
+
+/// [`resume`] with options.
+pub fn resume_with(out_dir: &Path, options: &RunOptions) -> Result<RunSummary> {
+    let def = load_saved_def(out_dir)?;
+    Search::prepare(&def, options)?.run(out_dir, options)
+}
+
+/// The definition saved in `out_dir/search.toml` (paths already resolved).
+pub fn load_saved_def(out_dir: &Path) -> Result<SearchDef> {
+    let path: PathBuf = out_dir.join("search.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let def: SearchDef = toml::from_str(&text).map_err(|e| Error::Config {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    def.validate().map_err(|msg| Error::Config { path, msg })?;
+    Ok(def)
+}
