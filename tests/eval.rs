@@ -9,7 +9,7 @@ use evomerge::candidate::{Candidate, CandidateBody, MemModel};
 use evomerge::eval::command::{CommandEvaluator, CommandSpec};
 use evomerge::eval::double::{BigramLm, CharVocab, bigram_builder};
 use evomerge::eval::lm::{LmConfig, LmEvaluator};
-use evomerge::eval::tasks::{Metric, Task, TaskSpec};
+use evomerge::eval::tasks::{Example, Metric, Task, TaskSpec};
 use evomerge::eval::{EvalError, Evaluator, Split};
 
 fn merged(model: MemModel, recipe: Option<&str>) -> Candidate {
@@ -172,12 +172,20 @@ fn command_timeout_kills_the_process_group() {
     #[cfg(target_os = "linux")]
     {
         let pid = std::fs::read_to_string(&pidfile).unwrap();
-        let proc = Path::new("/proc").join(pid.trim());
+        // Alive = /proc/<pid>/stat exists and its state is not zombie (Z) or dead (X): a killed
+        // orphan may wait a moment for init to reap it.
+        let stat = Path::new("/proc").join(pid.trim()).join("stat");
+        let alive = || {
+            std::fs::read_to_string(&stat).is_ok_and(|s| {
+                let state = s.rsplit(") ").next().and_then(|r| r.chars().next());
+                !matches!(state, Some('Z' | 'X'))
+            })
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
-        while proc.exists() && Instant::now() < deadline {
+        while alive() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(!proc.exists(), "grandchild {} still alive", pid.trim());
+        assert!(!alive(), "grandchild {} still alive", pid.trim());
     }
 }
 
@@ -240,4 +248,123 @@ fn command_without_recipe_cannot_fill_the_placeholder() {
         eval.evaluate(&merged(chain_model(), None), Split::Dev),
         Err(EvalError::Candidate(m)) if m.contains("{recipe}")
     ));
+}
+
+/// The LM evaluator on our transformer (random weights, spread out so greedy choices are not
+/// near-ties): right-padded batches give the same generations and log-likelihoods as one
+/// sequence at a time, and the merged candidate is scored from memory.
+#[test]
+fn lm_evaluator_on_the_transformer_is_batch_invariant() {
+    use evomerge::model::LlamaConfig;
+    use evomerge::tokenizer::CharTokenizer;
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": CharTokenizer::VOCAB_SIZE, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+    });
+    let cfg = LlamaConfig::from_json(&config).unwrap();
+    let mut tensors = evomerge::model::train::init_weights(&cfg, 7);
+    for t in tensors.values_mut() {
+        if t.shape.len() == 2 {
+            t.data.iter_mut().for_each(|x| *x *= 25.0);
+        }
+    }
+    let candidate = merged(MemModel { config, tensors }, None);
+    let prompts = [
+        "1+1=",
+        "37+45=",
+        "a",
+        "hello world",
+        "9",
+        "(12)",
+        "x=y?",
+        "0000000",
+    ];
+    let gens: Vec<Example> = prompts
+        .iter()
+        .map(|p| Example::Generation {
+            prompt: p.to_string(),
+            target: "7".into(),
+        })
+        .collect();
+    let texts: Vec<Example> = prompts
+        .iter()
+        .map(|p| Example::Text {
+            text: format!("{p} and more"),
+        })
+        .collect();
+    let tasks = vec![
+        Task::from_examples(
+            TaskSpec::new("gen", "-", Metric::ExactMatch),
+            gens.clone(),
+            gens,
+        )
+        .unwrap(),
+        Task::from_examples(
+            TaskSpec::new("text", "-", Metric::Perplexity),
+            texts.clone(),
+            texts,
+        )
+        .unwrap(),
+    ];
+    let make = |batch_size| {
+        LmEvaluator::try_new(
+            tasks.clone(),
+            Arc::new(CharTokenizer::new()),
+            LmConfig {
+                batch_size,
+                ..LmConfig::default()
+            },
+        )
+        .unwrap()
+    };
+    let (one, many) = (make(1), make(16));
+    let model = evomerge::model::build(&candidate, &candle_core::Device::Cpu).unwrap();
+    let g1 = one.generate(model.as_ref(), &prompts, 6, "").unwrap();
+    let g16 = many.generate(model.as_ref(), &prompts, 6, "").unwrap();
+    assert_eq!(g1, g16);
+    assert!(g1.iter().any(|g| !g.is_empty()), "{g1:?}");
+    let pairs: Vec<(&str, &str)> = prompts.iter().map(|p| (*p, " and more")).collect();
+    let l1 = one.log_likelihood(model.as_ref(), &pairs).unwrap();
+    let l16 = many.log_likelihood(model.as_ref(), &pairs).unwrap();
+    for (a, b) in l1.iter().zip(&l16) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
+    }
+    let s1 = one.evaluate(&candidate, Split::Dev).unwrap();
+    let s16 = many.evaluate(&candidate, Split::Dev).unwrap();
+    let (p1, p16) = (
+        s1.metrics["text/perplexity"],
+        s16.metrics["text/perplexity"],
+    );
+    assert!((p1 - p16).abs() <= 1e-4 * p1, "{p1} vs {p16}");
+    assert_eq!(
+        s1.metrics["gen/exact_match"],
+        s16.metrics["gen/exact_match"]
+    );
+}
+
+/// The README's worked example, verbatim: a recipe-only command.
+#[test]
+fn readme_worked_example_scores_ties_recipes() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        &dir.path().join("score.sh"),
+        "#!/bin/sh\n# score.sh RECIPE SPLIT\necho \"scoring $1 on $2\" >&2\n\
+         if grep -q ties \"$1\"; then echo '{\"primary\": 1.0}'; else echo '{\"primary\": 0.0}'; fi\n",
+    );
+    let spec: CommandSpec = toml::from_str(
+        "command = [\"sh\", \"score.sh\", \"{recipe}\", \"{split}\"]\nwrite_model = false\ntimeout_s = 10\n",
+    )
+    .unwrap();
+    let mut spec = spec;
+    spec.cwd = Some(dir.path().to_path_buf());
+    let eval = CommandEvaluator::try_new(spec).unwrap();
+    let score = |recipe| {
+        eval.evaluate(&merged(chain_model(), Some(recipe)), Split::Dev)
+            .unwrap()
+            .primary
+    };
+    assert_eq!(score("merge_method: ties\n"), 1.0);
+    assert_eq!(score("merge_method: linear\n"), 0.0);
 }

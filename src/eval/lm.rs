@@ -188,6 +188,67 @@ impl LmEvaluator {
         self.tasks.iter().map(|t| t.task.metric_key()).collect()
     }
 
+    fn runner<'a>(&'a self, model: &'a dyn CausalLm) -> Runner<'a> {
+        Runner {
+            model,
+            device: &self.config.device,
+            batch_size: self.config.batch_size,
+        }
+    }
+
+    /// Greedy generation with this evaluator's tokenizer and batching: each output is cut at
+    /// `stop` (unless empty) and ends at EOS or after `max_new_tokens`. For inspecting what a
+    /// model answers.
+    pub fn generate(
+        &self,
+        model: &dyn CausalLm,
+        prompts: &[&str],
+        max_new_tokens: usize,
+        stop: &str,
+    ) -> Result<Vec<String>, EvalError> {
+        let tok = self.tokenizer.as_ref();
+        let mut encoded = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();
+            ids.extend(tok.encode(p)?);
+            if ids.is_empty() {
+                return Err(EvalError::Candidate(
+                    "empty prompt and the tokenizer has no BOS".into(),
+                ));
+            }
+            encoded.push(ids);
+        }
+        let rows: Vec<&[u32]> = encoded.iter().map(Vec::as_slice).collect();
+        self.runner(model)
+            .generate(&rows, max_new_tokens, stop, tok)
+    }
+
+    /// Σ log p(continuation | [BOS] + context) for each `(context, continuation)` pair (both
+    /// tokenized separately), batched like the multiple-choice metric.
+    pub fn log_likelihood(
+        &self,
+        model: &dyn CausalLm,
+        pairs: &[(&str, &str)],
+    ) -> Result<Vec<f64>, EvalError> {
+        let tok = self.tokenizer.as_ref();
+        let mut seqs = Vec::with_capacity(pairs.len());
+        for (context, continuation) in pairs {
+            let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();
+            ids.extend(tok.encode(context)?);
+            let start = ids.len();
+            if start == 0 {
+                return Err(EvalError::Candidate(
+                    "empty context and the tokenizer has no BOS".into(),
+                ));
+            }
+            ids.extend(tok.encode(continuation)?);
+            seqs.push((ids, start));
+        }
+        self.runner(model)
+            .log_likelihoods(&seqs)
+            .map_err(candidate_err)
+    }
+
     /// Score an already built model on `split`.
     pub fn score_model(&self, model: &dyn CausalLm, split: Split) -> Result<Score, EvalError> {
         let vocab = model.vocab_size();
@@ -197,11 +258,7 @@ impl LmEvaluator {
                 self.max_id
             )));
         }
-        let run = Runner {
-            model,
-            device: &self.config.device,
-            batch_size: self.config.batch_size,
-        };
+        let run = self.runner(model);
         let mut metrics = std::collections::BTreeMap::new();
         let mut weighted = 0.0;
         let mut total_weight = 0.0;
