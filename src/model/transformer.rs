@@ -1,0 +1,608 @@
+//! A decoder-only transformer of the Llama / Mistral / Qwen2 family, written with plain
+//! differentiable candle ops so the same code scores candidates, trains the toy world and can be
+//! differentiated for Fisher information.
+//!
+//! Architecture (HF `LlamaForCausalLM` / `Qwen2ForCausalLM`): token embeddings, then per layer
+//! `h += o_proj(attn(rope(q), rope(k), v))` on `input_layernorm(h)` and
+//! `h += down_proj(silu(gate_proj(x)) * up_proj(x))` on `post_attention_layernorm(h)`, a final
+//! RMSNorm and the LM head (or the tied embedding matrix). Attention is causal, grouped-query
+//! (`num_key_value_heads` ≤ `num_attention_heads`), with rotary embeddings in the HF
+//! `rotate_half` convention and optional q/k/v biases (Qwen2). Logits come back for every
+//! position.
+//!
+//! ```no_run
+//! # use evomerge::model::transformer::Transformer;
+//! # fn demo(mem: &evomerge::candidate::MemModel) -> evomerge::Result<()> {
+//! let dev = candle_core::Device::Cpu;
+//! let model = Transformer::from_mem(mem, &dev)?;
+//! let ids = candle_core::Tensor::new(&[[1u32, 5, 7]], &dev)?;
+//! let logits = model.logits(&ids)?; // [1, 3, vocab]
+//! # Ok(()) }
+//! ```
+//!
+//! A data-flow route ([`forward_route`]) runs the embeddings and head of one model and any
+//! sequence of layers taken from several models, scaling the hidden state before each hop
+//! (Akiba et al. 2024, "Evolutionary Optimization of Model Merging Recipes").
+//!
+//! Every op here has a backward pass in candle (no fused kernels): RMSNorm, softmax and RoPE are
+//! written out with elementwise ops and reductions.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{D, DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::candidate::{MemModel, Route};
+use crate::error::{Error, Result};
+use crate::model::CausalLm;
+use crate::store::TensorSource;
+
+/// The config.json fields the forward reads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub vocab_size: usize,
+    pub tie_word_embeddings: bool,
+}
+
+fn cfg_err(msg: String) -> Error {
+    Error::Config {
+        path: PathBuf::from("config.json"),
+        msg,
+    }
+}
+
+fn get_usize(v: &Value, key: &str) -> Result<usize> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .ok_or_else(|| cfg_err(format!("missing or non-integer `{key}`")))
+}
+
+impl LlamaConfig {
+    /// Read the fields from a parsed config.json. Defaults follow transformers:
+    /// `num_key_value_heads` = `num_attention_heads`, `rms_norm_eps` = 1e-6, `rope_theta` = 1e4,
+    /// `tie_word_embeddings` = false, `head_dim` = hidden / heads.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let hidden_size = get_usize(v, "hidden_size")?;
+        let num_attention_heads = get_usize(v, "num_attention_heads")?;
+        let num_key_value_heads = match v.get("num_key_value_heads") {
+            Some(Value::Null) | None => num_attention_heads,
+            Some(_) => get_usize(v, "num_key_value_heads")?,
+        };
+        let head_dim = match v.get("head_dim") {
+            Some(Value::Null) | None => {
+                if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
+                    return Err(cfg_err(format!(
+                        "hidden_size {hidden_size} is not divisible by num_attention_heads \
+                         {num_attention_heads}"
+                    )));
+                }
+                hidden_size / num_attention_heads
+            }
+            Some(_) => get_usize(v, "head_dim")?,
+        };
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(cfg_err(format!(
+                "num_attention_heads {num_attention_heads} is not a multiple of \
+                 num_key_value_heads {num_key_value_heads}"
+            )));
+        }
+        if head_dim % 2 != 0 {
+            return Err(cfg_err(format!(
+                "head_dim {head_dim} must be even for RoPE"
+            )));
+        }
+        Ok(LlamaConfig {
+            hidden_size,
+            intermediate_size: get_usize(v, "intermediate_size")?,
+            num_hidden_layers: get_usize(v, "num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
+            rope_theta: v
+                .get("rope_theta")
+                .and_then(Value::as_f64)
+                .unwrap_or(10_000.0),
+            vocab_size: get_usize(v, "vocab_size")?,
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    /// Name and shape of every tensor a checkpoint of this config holds (biases listed when
+    /// `qkv_bias`). The order is embeddings, layers, final norm, head.
+    pub fn tensor_shapes(&self, qkv_bias: bool) -> Vec<(String, Vec<usize>)> {
+        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+            out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+            out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+            if qkv_bias {
+                out.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
+                out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
+                out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
+            }
+            out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
+            out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
+            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, i]));
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        out
+    }
+}
+
+/// One decoder layer's tensors.
+#[derive(Clone, Debug)]
+struct Layer {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_bias: Option<Tensor>,
+    k_bias: Option<Tensor>,
+    v_bias: Option<Tensor>,
+    o: Tensor,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A decoder-only transformer whose weights are candle tensors (plain tensors, or [`candle_core::Var`]s'
+/// tensors when training).
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    device: Device,
+}
+
+impl Transformer {
+    /// Build from a config.json value and a lookup of tensors by HF name. `get` returns
+    /// `Ok(None)` for a tensor the model lacks. Shapes are checked against the config; errors
+    /// name the tensor and `label` (where the model comes from).
+    pub fn from_lookup(
+        config: &Value,
+        label: &str,
+        device: &Device,
+        mut get: impl FnMut(&str) -> Result<Option<Tensor>>,
+    ) -> Result<Self> {
+        let cfg = LlamaConfig::from_json(config).map_err(|e| match e {
+            Error::Config { msg, .. } => Error::Config {
+                path: PathBuf::from(label).join("config.json"),
+                msg,
+            },
+            other => other,
+        })?;
+        let mut fetch = |name: &str, shape: &[usize], required: bool| -> Result<Option<Tensor>> {
+            match get(name)? {
+                None if required => Err(Error::MissingTensor {
+                    model: PathBuf::from(label),
+                    tensor: name.to_string(),
+                }),
+                None => Ok(None),
+                Some(t) => {
+                    if t.dims() != shape {
+                        return Err(Error::BadTensor {
+                            path: PathBuf::from(label),
+                            tensor: name.to_string(),
+                            msg: format!("shape {:?}, config expects {:?}", t.dims(), shape),
+                        });
+                    }
+                    Ok(Some(t.to_device(device)?.to_dtype(DType::F32)?))
+                }
+            }
+        };
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (qd, kvd) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let req = |f: &mut dyn FnMut(&str, &[usize], bool) -> Result<Option<Tensor>>,
+                   name: &str,
+                   shape: &[usize]|
+         -> Result<Tensor> {
+            f(name, shape, true)?.ok_or_else(|| Error::MissingTensor {
+                model: PathBuf::from(label),
+                tensor: name.to_string(),
+            })
+        };
+        let embed = req(
+            &mut fetch,
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, h],
+        )?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            layers.push(Layer {
+                input_norm: req(&mut fetch, &format!("{p}.input_layernorm.weight"), &[h])?,
+                q: req(&mut fetch, &format!("{a}.q_proj.weight"), &[qd, h])?,
+                k: req(&mut fetch, &format!("{a}.k_proj.weight"), &[kvd, h])?,
+                v: req(&mut fetch, &format!("{a}.v_proj.weight"), &[kvd, h])?,
+                q_bias: fetch(&format!("{a}.q_proj.bias"), &[qd], false)?,
+                k_bias: fetch(&format!("{a}.k_proj.bias"), &[kvd], false)?,
+                v_bias: fetch(&format!("{a}.v_proj.bias"), &[kvd], false)?,
+                o: req(&mut fetch, &format!("{a}.o_proj.weight"), &[h, qd])?,
+                post_norm: req(
+                    &mut fetch,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[h],
+                )?,
+                gate: req(&mut fetch, &format!("{m}.gate_proj.weight"), &[i, h])?,
+                up: req(&mut fetch, &format!("{m}.up_proj.weight"), &[i, h])?,
+                down: req(&mut fetch, &format!("{m}.down_proj.weight"), &[h, i])?,
+            });
+        }
+        let norm = req(&mut fetch, "model.norm.weight", &[h])?;
+        let lm_head = match fetch("lm_head.weight", &[cfg.vocab_size, h], false)? {
+            Some(t) => t,
+            None if cfg.tie_word_embeddings => embed.clone(),
+            None => {
+                return Err(Error::MissingTensor {
+                    model: PathBuf::from(label),
+                    tensor: "lm_head.weight".into(),
+                });
+            }
+        };
+        Ok(Transformer {
+            config: cfg,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+        })
+    }
+
+    /// Build from an in-memory model (merged tensors).
+    pub fn from_mem(model: &MemModel, device: &Device) -> Result<Self> {
+        Self::from_lookup(&model.config, "<memory>", device, |name| {
+            model
+                .tensors
+                .get(name)
+                .map(|t| t.to_candle(device))
+                .transpose()
+        })
+    }
+
+    /// Build from candle tensors by name (e.g. the tensors of training `Var`s, so gradients flow).
+    pub fn from_tensors(
+        config: &Value,
+        tensors: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::from_lookup(config, "<tensors>", device, |name| {
+            Ok(tensors.get(name).cloned())
+        })
+    }
+
+    /// Build from any tensor source (an opened model directory), decoding each tensor to `f32`.
+    pub fn from_source(source: &dyn TensorSource, device: &Device) -> Result<Self> {
+        let label = source.label();
+        Self::from_lookup(source.config(), &label, device, |name| {
+            let Some(info) = source.info(name) else {
+                return Ok(None);
+            };
+            let mut buf = vec![0f32; info.numel()];
+            source.read_into(name, &mut buf)?;
+            Ok(Some(Tensor::from_vec(buf, info.shape.as_slice(), device)?))
+        })
+    }
+
+    /// The parsed configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token embeddings of `input_ids` (`[batch, seq]` u32) → `[batch, seq, hidden]`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let flat = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let vocab = self.config.vocab_size as u32;
+        // index_select panics on out-of-range ids on some backends; check on the host first.
+        let ids: Vec<u32> = flat.to_vec1()?;
+        if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+            return Err(Error::msg(format!(
+                "token id {bad} is out of range for vocab_size {vocab}"
+            )));
+        }
+        Ok(self
+            .embed
+            .index_select(&flat, 0)?
+            .reshape((b, s, self.config.hidden_size))?)
+    }
+
+    /// Run decoder layer `layer` on the hidden state `x` (`[batch, seq, hidden]`).
+    pub fn layer(&self, layer: usize, x: &Tensor) -> Result<Tensor> {
+        let l = self.layers.get(layer).ok_or_else(|| {
+            Error::msg(format!(
+                "layer {layer} out of range: the model has {} layers",
+                self.layers.len()
+            ))
+        })?;
+        let (_, s, _) = x.dims3()?;
+        let rope = rope_tables(
+            s,
+            self.config.head_dim,
+            self.config.rope_theta,
+            &self.device,
+        )?;
+        let mask = causal_mask(s, &self.device)?;
+        self.run_layer(l, x, &rope, &mask)
+    }
+
+    /// Final norm and LM head: hidden `[batch, seq, hidden]` → logits `[batch, seq, vocab]`.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
+        Ok(linear(&x, &self.lm_head, None)?)
+    }
+
+    /// Logits for every position: `[batch, seq]` u32 → `[batch, seq, vocab]` f32.
+    pub fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed(input_ids)?;
+        let (_, s, _) = x.dims3()?;
+        let rope = rope_tables(
+            s,
+            self.config.head_dim,
+            self.config.rope_theta,
+            &self.device,
+        )?;
+        let mask = causal_mask(s, &self.device)?;
+        for l in &self.layers {
+            x = self.run_layer(l, &x, &rope, &mask)?;
+        }
+        self.head(&x)
+    }
+
+    fn run_layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
+        let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(linear(&h, &l.q, l.q_bias.as_ref())?, nh)?;
+        let k = heads(linear(&h, &l.k, l.k_bias.as_ref())?, nkv)?;
+        let v = heads(linear(&h, &l.v, l.v_bias.as_ref())?, nkv)?;
+        let q = apply_rope(&q, rope)?;
+        let k = apply_rope(&k, rope)?;
+        let (k, v) = if nh == nkv {
+            (k, v)
+        } else {
+            (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?)
+        };
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = softmax_last(&scores)?;
+        let attn = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        let x = (x + linear(&attn, &l.o, None)?)?;
+        let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
+        let gate = linear(&h, &l.gate, None)?;
+        let up = linear(&h, &l.up, None)?;
+        let act = (silu(&gate)? * up)?;
+        Ok((&x + linear(&act, &l.down, None)?)?)
+    }
+}
+
+impl CausalLm for Transformer {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.logits(input_ids)
+    }
+}
+
+/// Run a data-flow route: embeddings, final norm and head of `models[route.embed_model]`; then
+/// for each hop, `h ← layer(models[hop.model], hop.layer)(h · hop.scale)`. Each hop uses its own
+/// model's RoPE settings. Errors (not panics) for an out-of-range model or layer index, or
+/// models whose hidden sizes differ.
+pub fn forward_route(models: &[&Transformer], route: &Route, input_ids: &Tensor) -> Result<Tensor> {
+    let embed = models.get(route.embed_model).ok_or_else(|| {
+        Error::msg(format!(
+            "route: embed_model {} out of range ({} models)",
+            route.embed_model,
+            models.len()
+        ))
+    })?;
+    let mut x = embed.embed(input_ids)?;
+    let (_, s, hidden) = x.dims3()?;
+    let mut tables: HashMap<usize, (Tensor, Tensor)> = HashMap::new();
+    let mask = causal_mask(s, &embed.device)?;
+    for (n, hop) in route.hops.iter().enumerate() {
+        let m = models.get(hop.model).ok_or_else(|| {
+            Error::msg(format!(
+                "route hop {n}: model {} out of range ({} models)",
+                hop.model,
+                models.len()
+            ))
+        })?;
+        let l = m.layers.get(hop.layer).ok_or_else(|| {
+            Error::msg(format!(
+                "route hop {n}: layer {} out of range (model {} has {} layers)",
+                hop.layer,
+                hop.model,
+                m.layers.len()
+            ))
+        })?;
+        if m.config.hidden_size != hidden {
+            return Err(Error::Mismatch(format!(
+                "route hop {n}: model {} has hidden_size {}, the route's embeddings {hidden}",
+                hop.model, m.config.hidden_size
+            )));
+        }
+        if !tables.contains_key(&hop.model) {
+            let t = rope_tables(s, m.config.head_dim, m.config.rope_theta, &m.device)?;
+            tables.insert(hop.model, t);
+        }
+        if hop.scale != 1.0 {
+            x = (x * hop.scale as f64)?;
+        }
+        x = m.run_layer(l, &x, &tables[&hop.model], &mask)?;
+    }
+    embed.head(&x)
+}
+
+/// A route over several in-memory models, runnable as one [`CausalLm`].
+#[derive(Clone, Debug)]
+pub struct RoutedModel {
+    pub models: Vec<Transformer>,
+    pub route: Route,
+}
+
+impl CausalLm for RoutedModel {
+    fn vocab_size(&self) -> usize {
+        self.models
+            .get(self.route.embed_model)
+            .map(|m| m.config.vocab_size)
+            .unwrap_or(0)
+    }
+
+    fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let refs: Vec<&Transformer> = self.models.iter().collect();
+        forward_route(&refs, &self.route, input_ids)
+    }
+}
+
+/// `x · wᵀ (+ b)` for `x` of any rank ≥ 2 and `w` `[out, in]`.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let y = x.broadcast_matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// RMSNorm: `x / sqrt(mean(x²) + eps) · w` over the last dimension.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv)?.broadcast_mul(w)
+}
+
+/// Softmax over the last dimension; the max is subtracted (detached: it does not change the value
+/// or the gradient) for stability.
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// Log-softmax over the last dimension (max detached, as in [`softmax_last`]).
+pub fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// SiLU `x · σ(x)` from elementwise ops.
+fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    let sig = (x.neg()?.exp()? + 1.0)?.recip()?;
+    x * sig
+}
+
+/// `cos` and `sin` tables `[seq, head_dim]` for RoPE: angle `p · θ^(−2i/d)` for pair `i`,
+/// the halves concatenated (HF layout).
+fn rope_tables(
+    seq: usize,
+    head_dim: usize,
+    theta: f64,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(seq * head_dim);
+    let mut sin = Vec::with_capacity(seq * head_dim);
+    for p in 0..seq {
+        for j in 0..head_dim {
+            let i = j % half;
+            // transformers computes inv_freq in f32 and the product in f32; match that.
+            let inv_freq = (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32;
+            let angle = p as f32 * inv_freq;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (seq, head_dim), device)?,
+        Tensor::from_vec(sin, (seq, head_dim), device)?,
+    ))
+}
+
+/// `x · cos + rotate_half(x) · sin` with `rotate_half([a, b]) = [−b, a]`; `x` is
+/// `[batch, heads, seq, head_dim]`.
+fn apply_rope(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let a = x.narrow(D::Minus1, 0, d / 2)?;
+    let b = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rot = Tensor::cat(&[&b.neg()?, &a], D::Minus1)?;
+    x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
+}
+
+/// Repeat each key/value head `n` times: `[b, kv, s, d]` → `[b, kv·n, s, d]` (head `j` uses kv
+/// head `j / n`, as transformers' `repeat_kv`).
+fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    let (b, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, s, d))?
+        .contiguous()?
+        .reshape((b, kv * n, s, d))
+}
+
+/// Additive causal mask `[seq, seq]`: 0 on and below the diagonal, −∞ above.
+fn causal_mask(seq: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let mut m = vec![0f32; seq * seq];
+    for i in 0..seq {
+        for j in i + 1..seq {
+            m[i * seq + j] = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_vec(m, (seq, seq), device)
+}
