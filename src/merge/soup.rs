@@ -12,13 +12,15 @@
 //!   `uniform_soup(&checkpoints)` — or a `linear` recipe listing them with equal weights.
 //!
 //! All of this runs on in-memory models ([`MemModel`]); they must have the same tensor names and
-//! shapes.
+//! shapes. [`merge_mem`] applies any registered [`MergeMethod`] to in-memory models the same way
+//! (no recipe, no files), which the digits example and tests use for `fisher` and `regmean`.
 
 use std::sync::Arc;
 
 use crate::candidate::{Candidate, CandidateBody, MemModel, TensorMap};
 use crate::error::{Error, Result};
 use crate::eval::{Evaluator, Split};
+use crate::merge::{MergeInput, MergeMethod, Params, Scope, tensor_seed};
 use crate::tensor::TensorBuf;
 
 /// The uniform average of `models` (config taken from the first).
@@ -121,6 +123,86 @@ pub fn greedy_soup(models: &[&MemModel], evaluator: &dyn Evaluator) -> Result<Gr
         members,
         individual,
         score: best,
+    })
+}
+
+/// Merge in-memory `models` with `method`, tensor by tensor. `aux[i]` holds model `i`'s auxiliary
+/// tensors (its Fisher diagonal or Gram matrices) for methods that declare [`MergeMethod::aux`];
+/// `global` and `per_model` override the declared defaults. No base model.
+pub fn merge_mem(
+    method: &dyn MergeMethod,
+    models: &[&MemModel],
+    aux: &[&TensorMap],
+    global: &Params,
+    per_model: &[Params],
+    seed: u64,
+) -> Result<MemModel> {
+    let first = models
+        .first()
+        .ok_or_else(|| Error::msg("a merge needs at least one model"))?;
+    let mut defaults_global = Params::default();
+    let mut defaults_model = Params::default();
+    for d in method.params() {
+        if let Some(v) = d.default {
+            match d.scope {
+                Scope::Global => defaults_global.set(d.name, v),
+                Scope::PerModel => defaults_model.set(d.name, v),
+            }
+        }
+    }
+    defaults_global.0.extend(global.0.clone());
+    let model_params: Vec<Params> = (0..models.len())
+        .map(|i| {
+            let mut p = defaults_model.clone();
+            if let Some(o) = per_model.get(i) {
+                p.0.extend(o.0.clone());
+            }
+            p
+        })
+        .collect();
+    let mut tensors = TensorMap::new();
+    for (name, t) in &first.tensors {
+        let mut inputs = Vec::with_capacity(models.len());
+        for (i, m) in models.iter().enumerate() {
+            let other = m
+                .tensors
+                .get(name)
+                .ok_or_else(|| Error::Mismatch(format!("model {i} has no tensor `{name}`")))?;
+            if other.shape != t.shape {
+                return Err(Error::Mismatch(format!(
+                    "tensor `{name}`: shape {:?} in model {i}, {:?} in model 0",
+                    other.shape, t.shape
+                )));
+            }
+            inputs.push(other.data.as_slice());
+        }
+        let aux_for: Vec<Option<&[f32]>> = if method.aux().is_some() {
+            (0..models.len())
+                .map(|i| {
+                    aux.get(i)
+                        .and_then(|a| a.get(name))
+                        .map(|t| t.data.as_slice())
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let input = MergeInput {
+            tensor: name,
+            shape: &t.shape,
+            base: None,
+            models: inputs,
+            model_params: model_params.clone(),
+            global: defaults_global.clone(),
+            aux: aux_for,
+            seed: tensor_seed(seed, name),
+        };
+        let data = method.merge(&input)?;
+        tensors.insert(name.clone(), TensorBuf::new(t.shape.clone(), data));
+    }
+    Ok(MemModel {
+        config: first.config.clone(),
+        tensors,
     })
 }
 
