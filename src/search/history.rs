@@ -10,7 +10,7 @@
 //! ([`Replay`]). CMA-ES is deterministic given its seed and the values it is told, so the
 //! replayed run proposes exactly the same genomes and continues to the same final result as a
 //! run that was never interrupted. Proposals are matched by generation and the genome's exact
-//! bits (`f64::to_bits`): the index within a generation is the order in which evaluations
+//! bits (`f64::to_bits`, within a few ULPs): the index within a generation is the order in which evaluations
 //! *started*, which is not deterministic when several slots run at once. A kill can leave a
 //! half-written last line; [`load`] ignores it and [`HistoryWriter::open`] cuts it off.
 
@@ -135,35 +135,54 @@ impl HistoryWriter {
 }
 
 /// Recorded answers for a resumed run.
+///
+/// A genome matches a record of the same generation when every gene is within a few ULPs of
+/// the recorded one: JSON keeps the shortest decimal that round-trips, but serde_json's default
+/// float parser may land one ULP away. Two proposals of one generation are never that close.
 #[derive(Default)]
 pub struct Replay {
-    answers: HashMap<Key, Record>,
+    by_generation: HashMap<usize, Vec<Record>>,
+    len: usize,
+}
+
+const ULPS: u64 = 4;
+
+fn near(a: f64, b: f64) -> bool {
+    if a == b {
+        return true;
+    }
+    if a.is_sign_negative() != b.is_sign_negative() || !a.is_finite() || !b.is_finite() {
+        return false;
+    }
+    a.to_bits().abs_diff(b.to_bits()) <= ULPS
 }
 
 impl Replay {
-    /// Index `records` by (generation, genome bits).
+    /// Index `records` by generation.
     pub fn new(records: Vec<Record>) -> Replay {
-        Replay {
-            answers: records
-                .into_iter()
-                .map(|r| (key(r.generation, &r.genome), r))
-                .collect(),
+        let len = records.len();
+        let mut by_generation: HashMap<usize, Vec<Record>> = HashMap::new();
+        for r in records {
+            by_generation.entry(r.generation).or_default().push(r);
         }
+        Replay { by_generation, len }
     }
 
     /// The recorded evaluation of `genome` in `generation`, if any.
     pub fn get(&self, generation: usize, genome: &[f64]) -> Option<&Record> {
-        self.answers.get(&key(generation, genome))
+        self.by_generation.get(&generation)?.iter().find(|r| {
+            r.genome.len() == genome.len() && r.genome.iter().zip(genome).all(|(a, b)| near(*a, *b))
+        })
     }
 
     /// How many records are held.
     pub fn len(&self) -> usize {
-        self.answers.len()
+        self.len
     }
 
     /// True when nothing is held.
     pub fn is_empty(&self) -> bool {
-        self.answers.is_empty()
+        self.len == 0
     }
 }
 

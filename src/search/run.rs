@@ -413,7 +413,7 @@ impl Search {
         let objective: Objective = Arc::new(move |x: &[f64]| c2.objective(x));
         let space = self.space.clone();
         let mut opt = Optimizer::new(
-            self.space.default_genome(),
+            self.space.initial_mean(o.sigma0),
             cfg,
             objective,
             Box::new(move |rng| space.random_genome(rng)),
@@ -686,7 +686,8 @@ impl Ctx {
     fn objective(&self, x: &[f64]) -> f64 {
         let generation = self.generation.load(Ordering::SeqCst);
         if let Some(r) = self.replay.get(generation, x) {
-            let r = r.clone();
+            let mut r = r.clone();
+            r.genome = x.to_vec();
             let v = objective_value(&r);
             self.counters
                 .lock()

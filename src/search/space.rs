@@ -646,6 +646,23 @@ impl Space {
         }
     }
 
+    /// Where CMA-ES starts: the default genome with every ranged gene pulled at least
+    /// `margin` (capped at 0.5) inside its range. Reflection turns a bound into a mirror, so a
+    /// mean sitting exactly on a bound gets no push from the samples that fall outside; a
+    /// default on a bound (density 1.0, weight 1.0) would stall there.
+    pub fn initial_mean(&self, margin: f64) -> Vec<f64> {
+        let m = margin.clamp(0.0, 0.5);
+        let mut g = self.default_genome();
+        let ranged = match self {
+            Space::Ps(_) => 0,
+            Space::Dfs(s) => s.slots.len(),
+        };
+        for x in &mut g[ranged..] {
+            *x = x.clamp(m, 1.0 - m);
+        }
+        g
+    }
+
     /// Decode a genome.
     pub fn decode(&self, genome: &[f64]) -> Result<Decoded> {
         match self {
