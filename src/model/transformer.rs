@@ -67,6 +67,32 @@ fn get_usize(v: &Value, key: &str) -> Result<usize> {
         .ok_or_else(|| cfg_err(format!("missing or non-integer `{key}`")))
 }
 
+/// `rope_theta` from the top level (transformers 4) or `rope_parameters` (transformers 5).
+/// Only plain RoPE is implemented: a scaled variant (`llama3`, `yarn`, ...) is an error rather
+/// than silently different logits.
+fn rope_theta(v: &Value) -> Result<f64> {
+    for key in ["rope_scaling", "rope_parameters"] {
+        if let Some(p) = v.get(key).filter(|p| !p.is_null()) {
+            let kind = p
+                .get("rope_type")
+                .or_else(|| p.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(cfg_err(format!(
+                    "`{key}` type `{kind}` is not supported (only plain RoPE)"
+                )));
+            }
+            if let Some(t) = p.get("rope_theta").and_then(Value::as_f64) {
+                return Ok(t);
+            }
+        }
+    }
+    Ok(v.get("rope_theta")
+        .and_then(Value::as_f64)
+        .unwrap_or(10_000.0))
+}
+
 impl LlamaConfig {
     /// Read the fields from a parsed config.json. Defaults follow transformers:
     /// `num_key_value_heads` = `num_attention_heads`, `rms_norm_eps` = 1e-6, `rope_theta` = 1e4,
@@ -112,10 +138,7 @@ impl LlamaConfig {
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
                 .unwrap_or(1e-6),
-            rope_theta: v
-                .get("rope_theta")
-                .and_then(Value::as_f64)
-                .unwrap_or(10_000.0),
+            rope_theta: rope_theta(v)?,
             vocab_size: get_usize(v, "vocab_size")?,
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
@@ -204,12 +227,8 @@ impl Transformer {
             },
             other => other,
         })?;
-        let mut fetch = |name: &str, shape: &[usize], required: bool| -> Result<Option<Tensor>> {
+        let mut fetch = |name: &str, shape: &[usize]| -> Result<Option<Tensor>> {
             match get(name)? {
-                None if required => Err(Error::MissingTensor {
-                    model: PathBuf::from(label),
-                    tensor: name.to_string(),
-                }),
                 None => Ok(None),
                 Some(t) => {
                     if t.dims() != shape {
@@ -225,46 +244,39 @@ impl Transformer {
         };
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (qd, kvd) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
-        let req = |f: &mut dyn FnMut(&str, &[usize], bool) -> Result<Option<Tensor>>,
-                   name: &str,
-                   shape: &[usize]|
-         -> Result<Tensor> {
-            f(name, shape, true)?.ok_or_else(|| Error::MissingTensor {
-                model: PathBuf::from(label),
-                tensor: name.to_string(),
-            })
+        let missing = |name: &str| Error::MissingTensor {
+            model: PathBuf::from(label),
+            tensor: name.to_string(),
         };
-        let embed = req(
-            &mut fetch,
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, h],
-        )?;
+        macro_rules! req {
+            ($name:expr, $shape:expr) => {{
+                let name: &str = &$name;
+                fetch(name, &$shape)?.ok_or_else(|| missing(name))?
+            }};
+        }
+        let embed = req!("model.embed_tokens.weight", [cfg.vocab_size, h]);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
             let m = format!("{p}.mlp");
             layers.push(Layer {
-                input_norm: req(&mut fetch, &format!("{p}.input_layernorm.weight"), &[h])?,
-                q: req(&mut fetch, &format!("{a}.q_proj.weight"), &[qd, h])?,
-                k: req(&mut fetch, &format!("{a}.k_proj.weight"), &[kvd, h])?,
-                v: req(&mut fetch, &format!("{a}.v_proj.weight"), &[kvd, h])?,
-                q_bias: fetch(&format!("{a}.q_proj.bias"), &[qd], false)?,
-                k_bias: fetch(&format!("{a}.k_proj.bias"), &[kvd], false)?,
-                v_bias: fetch(&format!("{a}.v_proj.bias"), &[kvd], false)?,
-                o: req(&mut fetch, &format!("{a}.o_proj.weight"), &[h, qd])?,
-                post_norm: req(
-                    &mut fetch,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[h],
-                )?,
-                gate: req(&mut fetch, &format!("{m}.gate_proj.weight"), &[i, h])?,
-                up: req(&mut fetch, &format!("{m}.up_proj.weight"), &[i, h])?,
-                down: req(&mut fetch, &format!("{m}.down_proj.weight"), &[h, i])?,
+                input_norm: req!(format!("{p}.input_layernorm.weight"), [h]),
+                q: req!(format!("{a}.q_proj.weight"), [qd, h]),
+                k: req!(format!("{a}.k_proj.weight"), [kvd, h]),
+                v: req!(format!("{a}.v_proj.weight"), [kvd, h]),
+                q_bias: fetch(&format!("{a}.q_proj.bias"), &[qd])?,
+                k_bias: fetch(&format!("{a}.k_proj.bias"), &[kvd])?,
+                v_bias: fetch(&format!("{a}.v_proj.bias"), &[kvd])?,
+                o: req!(format!("{a}.o_proj.weight"), [h, qd]),
+                post_norm: req!(format!("{p}.post_attention_layernorm.weight"), [h]),
+                gate: req!(format!("{m}.gate_proj.weight"), [i, h]),
+                up: req!(format!("{m}.up_proj.weight"), [i, h]),
+                down: req!(format!("{m}.down_proj.weight"), [h, i]),
             });
         }
-        let norm = req(&mut fetch, "model.norm.weight", &[h])?;
-        let lm_head = match fetch("lm_head.weight", &[cfg.vocab_size, h], false)? {
+        let norm = req!("model.norm.weight", [h]);
+        let lm_head = match fetch("lm_head.weight", &[cfg.vocab_size, h])? {
             Some(t) => t,
             None if cfg.tie_word_embeddings => embed.clone(),
             None => {
@@ -477,9 +489,13 @@ pub fn forward_route(models: &[&Transformer], route: &Route, input_ids: &Tensor)
                 hop.model, m.config.hidden_size
             )));
         }
-        if !tables.contains_key(&hop.model) {
-            let t = rope_tables(s, m.config.head_dim, m.config.rope_theta, &m.device)?;
-            tables.insert(hop.model, t);
+        if let std::collections::hash_map::Entry::Vacant(e) = tables.entry(hop.model) {
+            e.insert(rope_tables(
+                s,
+                m.config.head_dim,
+                m.config.rope_theta,
+                &m.device,
+            )?);
         }
         if hop.scale != 1.0 {
             x = (x * hop.scale as f64)?;
