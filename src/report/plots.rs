@@ -147,6 +147,7 @@ fn fitness<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, records: &[Record])
     chart
         .configure_mesh()
         .x_desc("evaluations")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("fitness (higher is better)")
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 15))

@@ -64,12 +64,9 @@ pub struct MergeBuilder {
     pub pool: Vec<Arc<MemModel>>,
 }
 
-/// Parse mergekit YAML produced by the PS decoder.
+/// Parse mergekit YAML produced by the PS decoder (model paths are absolute).
 pub fn parse_recipe(text: &str) -> Result<crate::recipe::Recipe> {
-    let _ = text;
-    Err(Error::Search(
-        "mergekit YAML parsing is not available in this build".into(),
-    ))
+    crate::recipe::Recipe::from_str(text, None)
 }
 
 impl CandidateBuilder for MergeBuilder {
