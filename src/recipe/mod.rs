@@ -1,10 +1,627 @@
 //! Merge recipes in mergekit's YAML: `models` or `slices`, `base_model`, `merge_method`,
 //! `parameters` (scalars, gradients, `{filter, value}` lists) at global / slice / source level,
-//! `dtype`, `out_dtype`, `tokenizer_source`. Read with line-numbered errors for unknown keys,
-//! written back in the same form so mergekit can run it too.
+//! `dtype`, `out_dtype`, `tokenizer_source`, `chat_template`. Read with line-numbered errors for
+//! unknown keys, written back in the same form so mergekit can run it too.
+//!
+//! ```
+//! use evomerge::recipe::Recipe;
+//! let r = Recipe::from_str(
+//!     "models:\n  - model: a\n    parameters: {weight: 0.5}\n  - model: b\n    parameters: {weight: 0.5}\n\
+//!      merge_method: linear\ndtype: bfloat16\n",
+//!     None,
+//! )?;
+//! assert_eq!(Recipe::from_str(&r.to_yaml(), None)?, r);
+//! # Ok::<(), evomerge::Error>(())
+//! ```
+//!
+//! **Model paths.** A relative model path is resolved against the directory of the recipe file
+//! (when the recipe has one: [`Recipe::from_path`], or `from_str` with `Some(path)`), otherwise
+//! against the working directory. [`ModelRef`] keeps the string as written, which is what
+//! [`Recipe::to_yaml`] writes back; [`ModelRef::path`] is the resolved path the planner opens.
+//! Hugging Face hub ids and mergekit's `model+lora` syntax are not fetched: every model is a
+//! local directory (or a model registered in a [`crate::store::ModelSet`] under that path).
+//!
+//! **Validation** against a method's declared parameters is [`Recipe::validate`]; per-tensor
+//! parameter resolution (precedence, gradients, filters) is in [`params`]; the merge planner
+//! that uses both is [`crate::merge::plan`].
+//!
+//! **Not supported** (each is a clear error naming its line): `modules`, `tokenizer` (the
+//! vocabulary-merging block), `tokenizer_source: union`, a slice's `residual_weight` (which
+//! mergekit 0.1.5 reads but never uses), and model references written as maps.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+pub mod params;
+mod validate;
+mod write;
+
+pub use params::{Conditional, ParamMap, ParamSetting, Value};
+
+/// A model as the recipe names it: the string as written, and the path it resolves to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelRef {
+    /// As written in the recipe (written back unchanged).
+    pub name: String,
+    /// Resolved against the recipe file's directory when relative.
+    pub path: PathBuf,
+}
+
+impl ModelRef {
+    /// A reference resolved against `base_dir` (when given and `name` is relative).
+    pub fn new(name: impl Into<String>, base_dir: Option<&Path>) -> Self {
+        let name = name.into();
+        let p = Path::new(&name);
+        let path = match base_dir {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_path_buf(),
+        };
+        ModelRef { name, path }
+    }
+}
+
+impl fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// One entry of `models:`: a whole model with its parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputModel {
+    pub model: ModelRef,
+    pub parameters: ParamMap,
+}
+
+/// One source of an output slice: layers `layer_range.0 .. layer_range.1` of a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SliceSource {
+    pub model: ModelRef,
+    /// Half-open `[start, end)` layer range, as mergekit's `layer_range: [a, b]`.
+    pub layer_range: (usize, usize),
+    pub parameters: ParamMap,
+}
+
+/// One output slice: its sources are merged layer by layer into consecutive output layers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputSlice {
+    pub sources: Vec<SliceSource>,
+    /// Overrides the recipe's `base_model` for this slice.
+    pub base_model: Option<ModelRef>,
+    pub parameters: ParamMap,
+}
+
+/// What the recipe merges: whole models, or slices of layers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inputs {
+    Models(Vec<InputModel>),
+    Slices(Vec<OutputSlice>),
+}
+
+/// Where the output's tokenizer comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenizerSource {
+    /// The base model's tokenizer.
+    Base,
+    /// A named model's tokenizer.
+    Model(ModelRef),
+}
 
 /// A parsed merge recipe (mergekit `MergeConfiguration`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Recipe {
-    _private: (),
+    /// Registry key of the merge method (`linear`, `ties`, ...).
+    pub merge_method: String,
+    pub base_model: Option<ModelRef>,
+    pub inputs: Inputs,
+    /// Global parameters (the lowest precedence level).
+    pub parameters: ParamMap,
+    /// Math dtype (mergekit's `dtype`); also the output dtype when `out_dtype` is unset.
+    pub dtype: Option<DType>,
+    /// Saved dtype.
+    pub out_dtype: Option<DType>,
+    pub tokenizer_source: Option<TokenizerSource>,
+    /// A chat template (a name, `auto`, or a Jinja template), carried through unchanged.
+    pub chat_template: Option<String>,
+    /// The file the recipe was read from, for messages and relative model paths.
+    pub path: Option<PathBuf>,
+}
+
+impl Recipe {
+    /// A recipe merging whole `models` with `method`, no parameters set.
+    pub fn new(method: impl Into<String>, inputs: Inputs) -> Self {
+        Recipe {
+            merge_method: method.into(),
+            base_model: None,
+            inputs,
+            parameters: ParamMap::new(),
+            dtype: None,
+            out_dtype: None,
+            tokenizer_source: None,
+            chat_template: None,
+            path: None,
+        }
+    }
+
+    /// Read a recipe file. Relative model paths resolve against the file's directory.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Recipe> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Recipe::from_str(&text, Some(path))
+    }
+
+    /// Parse recipe YAML. `path` (the file it came from, if any) is used in error messages and
+    /// to resolve relative model paths. Unknown keys and YAML syntax errors give the line.
+    #[allow(clippy::should_implement_trait)]
+    pub fn from_str(text: &str, path: Option<&Path>) -> Result<Recipe> {
+        let raw: RawRecipe = yaml_serde::from_str(text).map_err(|e| yaml_error(e, path))?;
+        let base_dir = path.map(|p| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        });
+        raw.into_recipe(path, base_dir.as_deref())
+    }
+
+    /// The recipe as mergekit-readable YAML (see [`write`]). `from_str(to_yaml(r))` gives `r`
+    /// back (with the same `path`).
+    pub fn to_yaml(&self) -> String {
+        write::to_yaml(self)
+    }
+
+    /// An [`Error::Recipe`] about this recipe (no line).
+    pub fn error(&self, msg: impl Into<String>) -> Error {
+        Error::Recipe {
+            path: self.path.clone(),
+            line: None,
+            msg: msg.into(),
+        }
+    }
+
+    /// Every model the recipe names (base first when set, then in order of appearance), once.
+    pub fn referenced_models(&self) -> Vec<&ModelRef> {
+        let mut tmp: Vec<&ModelRef> = Vec::new();
+        if let Some(b) = &self.base_model {
+            tmp.push(b);
+        }
+        match &self.inputs {
+            Inputs::Models(ms) => tmp.extend(ms.iter().map(|m| &m.model)),
+            Inputs::Slices(ss) => {
+                for s in ss {
+                    if let Some(b) = &s.base_model {
+                        tmp.push(b);
+                    }
+                    tmp.extend(s.sources.iter().map(|x| &x.model));
+                }
+            }
+        }
+        if let Some(TokenizerSource::Model(m)) = &self.tokenizer_source {
+            tmp.push(m);
+        }
+        let mut out: Vec<&ModelRef> = Vec::with_capacity(tmp.len());
+        for m in tmp {
+            if !out.iter().any(|o| o.path == m.path) {
+                out.push(m);
+            }
+        }
+        out
+    }
+}
+
+/// Turn a yaml_serde error into [`Error::Recipe`] with the line, without repeating it in the text.
+fn yaml_error(e: yaml_serde::Error, path: Option<&Path>) -> Error {
+    let loc = e.location();
+    let mut msg = e.to_string();
+    if let Some(l) = &loc {
+        let suffix = format!(" at line {} column {}", l.line(), l.column());
+        if let Some(stripped) = msg.strip_suffix(&suffix) {
+            msg = format!("{stripped} (column {})", l.column());
+        }
+    }
+    Error::Recipe {
+        path: path.map(Path::to_path_buf),
+        line: loc.map(|l| l.line()),
+        msg,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The YAML as written. Serde structs with `deny_unknown_fields`, so unknown keys are errors that
+// yaml_serde locates (key path + line).
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipe {
+    #[serde(default)]
+    models: Option<Vec<RawModel>>,
+    #[serde(default)]
+    slices: Option<Vec<RawSlice>>,
+    merge_method: String,
+    #[serde(default)]
+    base_model: Option<ModelName>,
+    #[serde(default)]
+    parameters: Option<ParamMap>,
+    #[serde(default)]
+    dtype: Option<RawDType>,
+    #[serde(default)]
+    out_dtype: Option<RawDType>,
+    #[serde(default)]
+    tokenizer_source: Option<RawTokenizerSource>,
+    #[serde(default)]
+    chat_template: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    modules: Option<Unsupported>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    tokenizer: Option<Unsupported>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    model: ModelName,
+    #[serde(default)]
+    parameters: Option<ParamMap>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    model: ModelName,
+    layer_range: (usize, usize),
+    #[serde(default)]
+    parameters: Option<ParamMap>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlice {
+    sources: Vec<RawSource>,
+    #[serde(default)]
+    base_model: Option<ModelName>,
+    #[serde(default)]
+    parameters: Option<ParamMap>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    residual_weight: Option<Unsupported>,
+}
+
+/// A model reference: a path string. Maps (`{model: ..., lora: ...}`) are refused.
+struct ModelName(String);
+
+impl<'de> Deserialize<'de> for ModelName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ModelName;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a model directory path")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ModelName, E> {
+                if v.is_empty() {
+                    return Err(E::custom("a model path must not be empty"));
+                }
+                Ok(ModelName(v.to_string()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+struct RawDType(DType);
+
+impl<'de> Deserialize<'de> for RawDType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawDType;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a dtype (bfloat16, float16 or float32)")
+            }
+            // The error is raised while the value is being read, so it carries the value's line.
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDType, E> {
+                v.parse::<DType>().map(RawDType).map_err(|_| {
+                    E::custom(format!(
+                        "unknown dtype `{v}` (expected bfloat16, float16 or float32)"
+                    ))
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+enum RawTokenizerSource {
+    Base,
+    Model(String),
+}
+
+impl<'de> Deserialize<'de> for RawTokenizerSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawTokenizerSource;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`base` or a model path")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTokenizerSource, E> {
+                match v {
+                    "base" => Ok(RawTokenizerSource::Base),
+                    "union" => Err(E::custom(
+                        "`tokenizer_source: union` is not supported (use `base` or a model path)",
+                    )),
+                    "" => Err(E::custom("a model path must not be empty")),
+                    _ => Ok(RawTokenizerSource::Model(v.to_string())),
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A key mergekit knows that evomerge refuses; its value is never kept.
+struct Unsupported;
+
+impl<'de> Deserialize<'de> for Unsupported {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const MSG: &str = "this key is not supported by evomerge";
+        impl<'de> Visitor<'de> for V {
+            type Value = Unsupported;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(MSG)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Unsupported, E> {
+                Err(E::custom(MSG))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Unsupported, E> {
+                Err(E::custom(MSG))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Unsupported, E> {
+                Err(E::custom(MSG))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Unsupported, E> {
+                Err(E::custom(MSG))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Unsupported, E> {
+                Err(E::custom(MSG))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Unsupported, E> {
+                Err(E::custom(MSG))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Unsupported, A::Error> {
+                Err(de::Error::custom(MSG))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<Unsupported, A::Error> {
+                Err(de::Error::custom(MSG))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl RawRecipe {
+    fn into_recipe(self, path: Option<&Path>, base_dir: Option<&Path>) -> Result<Recipe> {
+        let err = |msg: String| Error::Recipe {
+            path: path.map(Path::to_path_buf),
+            line: None,
+            msg,
+        };
+        let mref = |m: ModelName| ModelRef::new(m.0, base_dir);
+        let inputs = match (self.models, self.slices) {
+            (Some(ms), None) if !ms.is_empty() => Inputs::Models(
+                ms.into_iter()
+                    .map(|m| InputModel {
+                        model: mref(m.model),
+                        parameters: m.parameters.unwrap_or_default(),
+                    })
+                    .collect(),
+            ),
+            (None, Some(ss)) if !ss.is_empty() => {
+                let mut out = Vec::with_capacity(ss.len());
+                for (i, s) in ss.into_iter().enumerate() {
+                    if s.sources.is_empty() {
+                        return Err(err(format!("slices[{i}]: `sources` is empty")));
+                    }
+                    let mut sources = Vec::with_capacity(s.sources.len());
+                    for (j, src) in s.sources.into_iter().enumerate() {
+                        let (a, b) = src.layer_range;
+                        if a >= b {
+                            return Err(err(format!(
+                                "slices[{i}].sources[{j}]: layer_range [{a}, {b}] is empty \
+                                 (it is half-open: [start, end) with start < end)"
+                            )));
+                        }
+                        sources.push(SliceSource {
+                            model: mref(src.model),
+                            layer_range: (a, b),
+                            parameters: src.parameters.unwrap_or_default(),
+                        });
+                    }
+                    out.push(OutputSlice {
+                        sources,
+                        base_model: s.base_model.map(mref),
+                        parameters: s.parameters.unwrap_or_default(),
+                    });
+                }
+                Inputs::Slices(out)
+            }
+            _ => {
+                return Err(err(
+                    "exactly one of `models` or `slices` must be given, and not empty".into(),
+                ));
+            }
+        };
+        if self.merge_method.is_empty() {
+            return Err(err("`merge_method` is empty".into()));
+        }
+        Ok(Recipe {
+            merge_method: self.merge_method,
+            base_model: self.base_model.map(mref),
+            inputs,
+            parameters: self.parameters.unwrap_or_default(),
+            dtype: self.dtype.map(|d| d.0),
+            out_dtype: self.out_dtype.map(|d| d.0),
+            tokenizer_source: self.tokenizer_source.map(|t| match t {
+                RawTokenizerSource::Base => TokenizerSource::Base,
+                RawTokenizerSource::Model(m) => TokenizerSource::Model(ModelRef::new(m, base_dir)),
+            }),
+            chat_template: self.chat_template,
+            path: path.map(Path::to_path_buf),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(text: &str) -> (Option<usize>, String) {
+        match Recipe::from_str(text, Some(Path::new("r.yml"))) {
+            Err(Error::Recipe { line, msg, .. }) => (line, msg),
+            other => panic!("expected a recipe error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_keys_name_key_and_line() {
+        let (line, msg) = parse_err(
+            "models:\n  - model: a\n    parameters:\n      weight: 0.5\n  - model: b\n    wieght: 1\nmerge_method: linear\n",
+        );
+        assert_eq!(line, Some(6));
+        assert!(msg.contains("unknown field `wieght`"), "{msg}");
+        assert!(msg.contains("models[1]"), "{msg}");
+
+        let (line, msg) = parse_err("models:\n  - model: a\nmerge_method: linear\nbase: x\n");
+        assert_eq!(line, Some(4));
+        assert!(msg.contains("`base`"), "{msg}");
+
+        let (line, msg) = parse_err(
+            "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n        parameters:\n          t:\n            - filter: mlp\n              valu: 1\nmerge_method: slerp\n",
+        );
+        assert_eq!(line, Some(8), "{msg}");
+        assert!(msg.contains("`valu`"), "{msg}");
+    }
+
+    #[test]
+    fn syntax_errors_give_the_line() {
+        let (line, _) = parse_err("models:\n  - model: a\nmerge_method: [linear\nfoo: : :\n");
+        assert!(line.is_some());
+        let (line, msg) = parse_err(
+            "models:\n  - model: a\n    parameters:\n      weight: abc\nmerge_method: linear\n",
+        );
+        assert_eq!(line, Some(4));
+        assert!(msg.contains("abc"), "{msg}");
+    }
+
+    #[test]
+    fn unsupported_keys_are_refused() {
+        let (line, msg) =
+            parse_err("models:\n  - model: a\nmerge_method: linear\ntokenizer_source: union\n");
+        assert_eq!(line, Some(4));
+        assert!(msg.contains("not supported"), "{msg}");
+        let (line, msg) =
+            parse_err("models:\n  - model: a\nmerge_method: linear\ntokenizer:\n  source: base\n");
+        assert_eq!(line, Some(5), "{msg}");
+        assert!(
+            msg.contains("tokenizer") && msg.contains("not supported"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_recipe_dir() {
+        let r = Recipe::from_str(
+            "models:\n  - model: ../m/a\n  - model: /abs/b\nmerge_method: linear\n",
+            Some(Path::new("/recipes/x.yml")),
+        )
+        .unwrap();
+        let Inputs::Models(ms) = &r.inputs else {
+            panic!()
+        };
+        assert_eq!(ms[0].model.name, "../m/a");
+        assert_eq!(ms[0].model.path, Path::new("/recipes/../m/a"));
+        assert_eq!(ms[1].model.path, Path::new("/abs/b"));
+    }
+
+    #[test]
+    fn parameter_forms_parse() {
+        let r = Recipe::from_str(
+            "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 4]\n      - model: b\n        layer_range: [2, 6]\n        parameters:\n          weight: {filter: mlp, value: [0, 1]}\n    parameters:\n      t:\n        - filter: self_attn\n          value: [0, 0.5, 1]\n        - value: 0.5\nmerge_method: slerp\nbase_model: a\nparameters:\n  normalize: true\n  lambda: \"1e-1\"\ndtype: bfloat16\nout_dtype: float16\nchat_template: chatml\n",
+            None,
+        )
+        .unwrap();
+        let Inputs::Slices(ss) = &r.inputs else {
+            panic!()
+        };
+        assert_eq!(ss[0].sources[1].layer_range, (2, 6));
+        assert_eq!(
+            ss[0].sources[1].parameters["weight"],
+            ParamSetting::filtered(vec![(Some("mlp".into()), Value::Gradient(vec![0.0, 1.0]))])
+        );
+        assert_eq!(
+            ss[0].parameters["t"],
+            ParamSetting::filtered(vec![
+                (
+                    Some("self_attn".into()),
+                    Value::Gradient(vec![0.0, 0.5, 1.0])
+                ),
+                (None, Value::Number(0.5)),
+            ])
+        );
+        assert_eq!(r.parameters["normalize"], ParamSetting::flag(true));
+        assert_eq!(r.parameters["lambda"], ParamSetting::number(0.1));
+        assert_eq!(r.dtype, Some(DType::BF16));
+        assert_eq!(r.out_dtype, Some(DType::F16));
+        assert_eq!(r.chat_template.as_deref(), Some("chatml"));
+    }
+
+    #[test]
+    fn models_xor_slices() {
+        let (_, msg) = parse_err("merge_method: linear\n");
+        assert!(msg.contains("models") && msg.contains("slices"), "{msg}");
+        let (_, msg) = parse_err(
+            "models:\n  - model: a\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 1]\nmerge_method: linear\n",
+        );
+        assert!(msg.contains("exactly one"), "{msg}");
+        let (line, msg) = parse_err(
+            "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n    residual_weight: 0.5\nmerge_method: passthrough\n",
+        );
+        assert_eq!(line, Some(5), "{msg}");
+        assert!(
+            msg.contains("residual_weight") && msg.contains("not supported"),
+            "{msg}"
+        );
+        let (line, msg) = parse_err("models:\n  - model: a\nmerge_method: linear\ndtype: int8\n");
+        assert_eq!(line, Some(4), "{msg}");
+        assert!(msg.contains("int8"), "{msg}");
+        let (_, msg) = parse_err(
+            "slices:\n  - sources:\n      - model: a\n        layer_range: [2, 2]\nmerge_method: passthrough\n",
+        );
+        assert!(msg.contains("slices[0].sources[0]"), "{msg}");
+    }
+
+    #[test]
+    fn yaml_round_trip() {
+        let text = "slices:\n  - sources:\n      - model: ./a\n        layer_range: [0, 4]\n      - model: \"b c\"\n        layer_range: [2, 6]\n        parameters:\n          weight: {filter: mlp, value: [0, 1e-7]}\n    base_model: ./a\n    parameters:\n      t:\n        - filter: self_attn\n          value: [0, 0.3333333333333333, 1]\n        - value: 0.5\n  - sources:\n      - model: ./a\n        layer_range: [4, 5]\nmerge_method: slerp\nbase_model: ./a\nparameters:\n  normalize: true\n  lambda: 1.5e20\ndtype: bfloat16\nout_dtype: float32\ntokenizer_source: \"b c\"\nchat_template: \"{% for m in messages %}\\n{{ m }}{% endfor %}\"\n";
+        let p = Path::new("/r/x.yml");
+        let r = Recipe::from_str(text, Some(p)).unwrap();
+        let y = r.to_yaml();
+        let back = Recipe::from_str(&y, Some(p)).unwrap();
+        assert_eq!(back, r, "{y}");
+        assert!(y.contains("layer_range: [4, 5]"), "{y}");
+        assert!(y.contains("value: [0.0, 1.0e-7]"), "{y}");
+        let models = Recipe::from_str(
+            "models:\n  - model: a\n    parameters:\n      weight: -0.5\n  - model: b\nmerge_method: linear\ntokenizer_source: base\nbase_model: a\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(Recipe::from_str(&models.to_yaml(), None).unwrap(), models);
+    }
 }
