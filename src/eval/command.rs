@@ -224,14 +224,7 @@ impl CommandEvaluator {
         let scratch = ScratchDir::create(self.spec.scratch_dir.as_deref())?;
         let mut values: BTreeMap<&str, String> = BTreeMap::new();
         values.insert("work_dir", path_str(scratch.path()));
-        values.insert(
-            "split",
-            match split {
-                Split::Dev => "dev",
-                Split::Test => "test",
-            }
-            .into(),
-        );
+        values.insert("split", split.name().into());
         if let Some(recipe) = &candidate.recipe {
             let path = scratch.path().join("recipe.yaml");
             std::fs::write(&path, recipe).map_err(|e| Error::io(&path, e))?;

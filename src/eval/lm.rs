@@ -353,10 +353,7 @@ fn encode_split(task: &Task, split: Split, tok: &dyn TextTokenizer) -> Result<Ve
         Ok(ids)
     };
     let name = &task.spec.name;
-    let split_name = match split {
-        Split::Dev => "dev",
-        Split::Test => "test",
-    };
+    let split_name = split.name();
     let fail = |i: usize, msg: String| {
         Error::Eval(format!(
             "task `{name}`, {split_name} example {}: {msg}",

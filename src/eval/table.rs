@@ -35,10 +35,7 @@ impl Column {
     }
 
     fn header(&self) -> String {
-        let split = match self.split {
-            Split::Dev => "dev",
-            Split::Test => "test",
-        };
+        let split = self.split.name();
         let name = if self.metric == PRIMARY {
             "fitness".to_string()
         } else {
@@ -104,7 +101,7 @@ impl EvalTable {
                                 }
                             }
                         }
-                        Err(e) => errors.push(format!("{}: {e}", split_name(split))),
+                        Err(e) => errors.push(format!("{split}: {e}")),
                     }
                 }
                 Row {
@@ -206,13 +203,6 @@ impl EvalTable {
 impl std::fmt::Display for EvalTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_markdown())
-    }
-}
-
-fn split_name(split: Split) -> &'static str {
-    match split {
-        Split::Dev => "dev",
-        Split::Test => "test",
     }
 }
 

@@ -120,10 +120,7 @@ impl TaskSpec {
 
     /// The file holding `split`.
     pub fn split_path(&self, split: Split) -> PathBuf {
-        self.path.join(match split {
-            Split::Dev => "dev.jsonl",
-            Split::Test => "test.jsonl",
-        })
+        self.path.join(format!("{}.jsonl", split.name()))
     }
 }
 
