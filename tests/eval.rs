@@ -368,3 +368,103 @@ fn readme_worked_example_scores_ties_recipes() {
     assert_eq!(score("merge_method: ties\n"), 1.0);
     assert_eq!(score("merge_method: linear\n"), 0.0);
 }
+
+/// Bytes this thread has passed to write(2) and friends (files, pipes, terminals).
+#[cfg(target_os = "linux")]
+fn thread_wchar() -> u64 {
+    let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Scoring a merged candidate with the LM evaluator writes nothing: the evaluation runs on this
+/// thread only (a one-thread rayon pool that uses the current thread), and the thread's write
+/// counter does not move — while writing the same tensors to a model directory moves it by at
+/// least their size (the control).
+#[cfg(target_os = "linux")]
+#[test]
+fn scoring_a_merged_candidate_writes_nothing() {
+    use evomerge::model::LlamaConfig;
+    use evomerge::store::{ModelWriter, TensorInfo, WriteConfig};
+    use evomerge::tensor::DType;
+    use evomerge::tokenizer::CharTokenizer;
+    let config = serde_json::json!({
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": CharTokenizer::VOCAB_SIZE, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+    });
+    let cfg = LlamaConfig::from_json(&config).unwrap();
+    let tensors = evomerge::model::train::init_weights(&cfg, 3);
+    let bytes: usize = tensors.values().map(|t| t.len() * 4).sum();
+    let model = MemModel { config, tensors };
+    let candidate = merged(model.clone(), Some("merge_method: linear"));
+    let ex = |p: &str| Example::Generation {
+        prompt: p.into(),
+        target: "2".into(),
+    };
+    let texts = vec![Example::Text {
+        text: "1+1=2".into(),
+    }];
+    let tasks = vec![
+        Task::from_examples(
+            TaskSpec::new("add", "-", Metric::ExactMatch),
+            vec![ex("1+1="), ex("12+3=")],
+            vec![ex("1+1=")],
+        )
+        .unwrap(),
+        Task::from_examples(
+            TaskSpec::new("text", "-", Metric::Perplexity),
+            texts.clone(),
+            texts,
+        )
+        .unwrap(),
+    ];
+    let eval =
+        LmEvaluator::try_new(tasks, Arc::new(CharTokenizer::new()), LmConfig::default()).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .use_current_thread()
+        .build()
+        .unwrap();
+    let (written, score) = pool.install(|| {
+        let before = thread_wchar();
+        let score = eval.evaluate(&candidate, Split::Dev);
+        (thread_wchar() - before, score)
+    });
+    drop(pool);
+    let score = score.unwrap();
+    assert!(score.metrics["text/perplexity"] > 1.0, "{score:?}");
+    assert_eq!(written, 0, "the evaluation wrote {written} bytes");
+
+    // Control: writing the tensors to disk on this thread moves the counter.
+    let dir = tempfile::tempdir().unwrap();
+    let infos: Vec<TensorInfo> = model
+        .tensors
+        .iter()
+        .map(|(name, t)| TensorInfo {
+            name: name.clone(),
+            dtype: DType::F32,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let before = thread_wchar();
+    let writer = ModelWriter::create(
+        &dir.path().join("m"),
+        &infos,
+        &WriteConfig {
+            max_shard_size: u64::MAX,
+        },
+    )
+    .unwrap();
+    for (name, t) in &model.tensors {
+        writer.write(name, &t.data).unwrap();
+    }
+    writer.finish(&model.config, None, "").unwrap();
+    let control = thread_wchar() - before;
+    assert!(control >= bytes as u64, "control wrote {control} < {bytes}");
+}
