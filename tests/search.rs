@@ -467,3 +467,77 @@ fn every_shipped_search_definition_parses() {
     }
     assert!(n >= 3, "expected the three toy searches, found {n}");
 }
+
+fn family(dir: &Path) -> Vec<std::path::PathBuf> {
+    evomerge::synth::write_family(&dir.join("fam"), &evomerge::synth::LlamaSpec::tiny(), 2, 5)
+        .unwrap()
+}
+
+#[test]
+fn dfs_search_over_model_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let fam = family(dir.path());
+    let toml = format!(
+        r#"
+name = "dfs"
+models = [{:?}, {:?}]
+output = "out"
+[space]
+kind = "dfs"
+repeats = 1
+[evaluator]
+kind = "lm"
+tasks = []
+[optimizer]
+population = 8
+generations = 25
+seed = 2
+"#,
+        fam[1], fam[2]
+    );
+    let def = SearchDef::from_toml(&toml, dir.path(), &dir.path().join("dfs.toml")).unwrap();
+    // tiny models have 2 layers; target: model 0 layer 0, model 1 layer 1 (the fixed last hop
+    // is model 0's layer 1), scales from W.
+    let target = Route {
+        embed_model: 0,
+        hops: vec![
+            Hop {
+                model: 0,
+                layer: 0,
+                scale: 1.0,
+            },
+            Hop {
+                model: 1,
+                layer: 1,
+                scale: 1.0,
+            },
+            Hop {
+                model: 0,
+                layer: 1,
+                scale: 1.0,
+            },
+        ],
+    };
+    let opts = RunOptions {
+        plots: true,
+        ..quiet()
+    };
+    let s = Search::prepare_with(
+        &def,
+        Arc::new(evomerge::eval::double::RouteMatch::new(target)),
+        &opts,
+    )
+    .unwrap();
+    // slots: (1,0) (1,1) → 2 indicators (model 0's layers 0 and 1 are fixed), W 2×2
+    assert_eq!(s.space.dim(), 6);
+    let out = def.output_dir();
+    let sum = s.run(&out, &opts).unwrap();
+    assert!(sum.best.fitness.unwrap() > -0.02, "{:?}", sum.best.fitness);
+    let file: evomerge::search::run::RouteFile =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best_route.json")).unwrap())
+            .unwrap();
+    assert_eq!(file.models.len(), 2);
+    assert!(file.models[0].ends_with("ft1"));
+    assert_eq!(file.route.hops.len(), 3);
+    assert!(out.join("plots/route.png").exists());
+}

@@ -228,7 +228,16 @@ pub fn build_evaluator(def: &SearchDef) -> Result<Arc<dyn Evaluator>> {
 impl Search {
     /// Open the models, build the space and the evaluator (PS+DFS: run or reuse the PS search).
     pub fn prepare(def: &SearchDef, options: &RunOptions) -> Result<Search> {
-        let evaluator = build_evaluator(def)?;
+        Search::prepare_with(def, build_evaluator(def)?, options)
+    }
+
+    /// [`Search::prepare`] with an evaluator of your own (the definition's `evaluator` section
+    /// then only supplies the fitness split).
+    pub fn prepare_with(
+        def: &SearchDef,
+        evaluator: Arc<dyn Evaluator>,
+        options: &RunOptions,
+    ) -> Result<Search> {
         let mut models = ModelSet::new();
         match &def.space {
             SpaceDef::Ps(ps) => {
