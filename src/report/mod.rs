@@ -131,6 +131,29 @@ pub fn report(out_dir: &Path) -> Result<String> {
     Ok(load(out_dir)?.markdown())
 }
 
+/// One table from several finished searches (e.g. toy-ps, toy-dfs, toy-ps-dfs): every row of
+/// the first report, then the rows of the others whose names are new. The columns are the
+/// union of all.
+pub fn combined(out_dirs: &[&Path]) -> Result<String> {
+    let mut all: Option<Report> = None;
+    for dir in out_dirs {
+        let r = load(dir)?;
+        match all.as_mut() {
+            None => all = Some(r),
+            Some(a) => {
+                a.search = format!("{} + {}", a.search, r.search);
+                for row in r.rows {
+                    if !a.rows.iter().any(|x| x.name == row.name) {
+                        a.rows.push(row);
+                    }
+                }
+            }
+        }
+    }
+    all.map(|r| r.markdown())
+        .ok_or_else(|| Error::Search("no output directory given".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +193,21 @@ mod tests {
         save(dir.path(), &r).unwrap();
         assert_eq!(load(dir.path()).unwrap(), r);
         assert_eq!(report(dir.path()).unwrap(), md);
+
+        let other = tempfile::tempdir().unwrap();
+        let mut r2 = r.clone();
+        r2.search = "dfs".into();
+        r2.rows = vec![row("add", 0.0, 0.0), row("evolved (DFS)", 0.5, 0.5)];
+        save(other.path(), &r2).unwrap();
+        let both = combined(&[dir.path(), other.path()]).unwrap();
+        assert!(both.contains("Search `toy + dfs`"), "{both}");
+        assert!(
+            both.contains("| add | 0.900 |"),
+            "first report's row kept: {both}"
+        );
+        assert!(
+            both.contains("| evolved (DFS) | 0.500 | 0.500 | **0.500** |"),
+            "{both}"
+        );
     }
 }

@@ -343,4 +343,24 @@ mod tests {
         }
         assert_eq!(&lambdas[..3], &[6, 12, 24]);
     }
+
+    #[test]
+    fn bipop_alternates_large_and_small_populations() {
+        let flat: Objective = Arc::new(|_: &[f64]| 1.0);
+        let mut c = cfg(Restarts::Bipop);
+        c.generations = Some(400);
+        let mut o = Optimizer::new(vec![0.0; 3], c, flat, zero_start()).unwrap();
+        let mut runs: Vec<(usize, usize)> = Vec::new(); // (run, lambda)
+        while let Some(info) = o.step().unwrap() {
+            if runs.last().map(|r| r.0) != Some(info.run) {
+                runs.push((info.run, info.lambda));
+            }
+        }
+        let lambdas: Vec<usize> = runs.iter().map(|r| r.1).collect();
+        // first run λ₀ = 6, then a large run (12), then small runs (≤ 6) until they have spent
+        // as much as the large regime, then 24.
+        assert_eq!(&lambdas[..2], &[6, 12], "{lambdas:?}");
+        assert!(lambdas[2] <= 6, "{lambdas:?}");
+        assert!(lambdas.contains(&24), "{lambdas:?}");
+    }
 }
