@@ -516,24 +516,41 @@ impl Runner<'_> {
             .map(|batch| -> Result<Vec<(usize, f64)>> {
                 let rows: Vec<&[u32]> = batch.iter().map(|&i| seqs[i].0.as_slice()).collect();
                 let (logits, len) = self.forward_padded(&rows)?;
-                // Next-token targets: position p predicts s[p + 1]; padding targets are 0.
-                let mut next = vec![0u32; rows.len() * len];
-                for (r, s) in rows.iter().enumerate() {
-                    for p in 0..s.len() - 1 {
-                        next[r * len + p] = s[p + 1];
+                // Only the positions that predict a scored token: position t − 1 predicts s[t]
+                // for t in start..len. Selecting them before the log-softmax keeps the work
+                // (and memory) proportional to the scored tokens, not to batch × seq × vocab.
+                let mut positions = Vec::new();
+                let mut targets = Vec::new();
+                for (r, &i) in batch.iter().enumerate() {
+                    let (s, start) = &seqs[i];
+                    for t in *start..s.len() {
+                        positions.push((r * len + t - 1) as u32);
+                        targets.push(s[t]);
                     }
                 }
-                let next = Tensor::from_vec(next, (rows.len(), len, 1), self.device)?;
-                let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?
-                    .gather(&next, 2)?
-                    .squeeze(2)?
-                    .to_vec2::<f32>()?;
+                let n = positions.len();
+                let logp = if n == 0 {
+                    Vec::new()
+                } else {
+                    let vocab = self.model.vocab_size();
+                    let positions = Tensor::from_vec(positions, n, self.device)?;
+                    let targets = Tensor::from_vec(targets, (n, 1), self.device)?;
+                    let picked = logits
+                        .reshape((rows.len() * len, vocab))?
+                        .index_select(&positions, 0)?;
+                    candle_nn::ops::log_softmax(&picked, D::Minus1)?
+                        .gather(&targets, 1)?
+                        .squeeze(1)?
+                        .to_vec1::<f32>()?
+                };
+                let mut offset = 0;
                 Ok(batch
                     .iter()
-                    .zip(&logp)
-                    .map(|(&i, lp)| {
+                    .map(|&i| {
                         let (s, start) = &seqs[i];
-                        let sum = (*start..s.len()).map(|t| f64::from(lp[t - 1])).sum();
+                        let k = s.len() - start;
+                        let sum = logp[offset..offset + k].iter().map(|&x| f64::from(x)).sum();
+                        offset += k;
                         (i, sum)
                     })
                     .collect())
