@@ -541,3 +541,51 @@ seed = 2
     assert_eq!(file.route.hops.len(), 3);
     assert!(out.join("plots/route.png").exists());
 }
+
+/// The PS decoder's YAML is accepted by our recipe reader for every registered method with a
+/// Float parameter (layer slices, filters for attention / MLP / embeddings, global parameters
+/// at slice level).
+#[test]
+fn decoded_recipes_parse_for_every_registered_method() {
+    let mut checked = 0;
+    for m in evomerge::merge::registry() {
+        let floats = m
+            .params()
+            .iter()
+            .any(|d| matches!(d.kind, ParamKind::Float { .. }));
+        if !floats || m.aux().is_some() {
+            continue;
+        }
+        let (min, _) = m.model_count();
+        let models: Vec<String> = (0..min.max(2).min(m.model_count().1.unwrap_or(2)))
+            .map(|i| format!("/m/ft{i}"))
+            .collect();
+        let base = match m.base() {
+            evomerge::merge::BaseUse::Required => Some("/m/base".to_string()),
+            evomerge::merge::BaseUse::Optional => None,
+        };
+        let info = PsModels {
+            method: m.name().into(),
+            decls: m.params().to_vec(),
+            models,
+            base,
+            n_layers: 3,
+            pre_tensors: vec!["model.embed_tokens.weight".into()],
+            post_tensors: vec!["lm_head.weight".into(), "model.norm.weight".into()],
+        };
+        let mut ps = ps_def();
+        ps.split_attn_mlp = true;
+        ps.embeddings = true;
+        let space = match PsSpace::new(info, &ps) {
+            Ok(s) => s,
+            // a Float parameter without a finite range needs `ranges` in a real definition
+            Err(e) if e.to_string().contains("unbounded") => continue,
+            Err(e) => panic!("{}: {e}", m.name()),
+        };
+        let yaml = space.decode(&space.default_genome()).unwrap();
+        evomerge::recipe::Recipe::from_str(&yaml, None)
+            .unwrap_or_else(|e| panic!("{}: {e}\n{yaml}", m.name()));
+        checked += 1;
+    }
+    assert!(checked >= 1, "no registered method with Float parameters");
+}
