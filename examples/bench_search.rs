@@ -174,5 +174,48 @@ fn main() -> anyhow::Result<()> {
         100.0 * overhead / summary.loop_seconds
     );
     println!("  output: {}", out.display());
+    if let Some(path) = args.first() {
+        let def = SearchDef::load(path.as_ref())?;
+        let yaml_path = out.join("best_recipe.yaml");
+        if matches!(def.space, SpaceDef::Ps(_)) && yaml_path.exists() {
+            memory_vs_disk(&yaml_path, &out, def.merge_seed)?;
+        }
+    }
+    Ok(())
+}
+
+/// Time building the best recipe in memory (as the search does) against writing it to disk (as
+/// `evomerge merge` does), in the same process.
+fn memory_vs_disk(
+    yaml_path: &std::path::Path,
+    out: &std::path::Path,
+    seed: u64,
+) -> anyhow::Result<()> {
+    use evomerge::merge::executor::{MergeOptions, merge_in_memory, merge_to_disk};
+    let recipe = evomerge::recipe::Recipe::from_path(yaml_path)?;
+    let mut models = evomerge::store::ModelSet::new();
+    merge_in_memory(&recipe, &mut models, seed)?; // open + warm the maps
+    let reps = 5;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        std::hint::black_box(merge_in_memory(&recipe, &mut models, seed)?);
+    }
+    let mem = t.elapsed().as_secs_f64() / reps as f64;
+    let t = std::time::Instant::now();
+    for k in 0..reps {
+        let target = out.join(format!("bench-model-{k}"));
+        let options = MergeOptions {
+            seed,
+            ..Default::default()
+        };
+        merge_to_disk(&recipe, &mut models, &target, &options)?;
+    }
+    let disk = t.elapsed().as_secs_f64() / reps as f64;
+    println!(
+        "  best recipe: in memory {:.2} ms, to disk {:.2} ms → {:.1}× faster in memory",
+        1e3 * mem,
+        1e3 * disk,
+        disk / mem
+    );
     Ok(())
 }
