@@ -523,9 +523,9 @@ impl Runner<'_> {
                 let mut targets = Vec::new();
                 for (r, &i) in batch.iter().enumerate() {
                     let (s, start) = &seqs[i];
-                    for t in *start..s.len() {
+                    for (t, &token) in s.iter().enumerate().skip(*start) {
                         positions.push((r * len + t - 1) as u32);
-                        targets.push(s[t]);
+                        targets.push(token);
                     }
                 }
                 let n = positions.len();
