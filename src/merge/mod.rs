@@ -13,8 +13,17 @@ use crate::error::{Error, Result};
 
 pub mod executor;
 pub mod fisher;
+pub mod linear;
+pub mod model_stock;
+pub mod nuslerp;
+pub mod passthrough;
+pub mod plan;
 pub mod regmean;
+pub mod slerp;
 pub mod soup;
+pub mod sparsify;
+pub mod task_arithmetic;
+mod util;
 
 /// Where a parameter is set: once per tensor for the whole merge, or once per input model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,7 +139,25 @@ pub fn tensor_seed(seed: u64, tensor: &str) -> u64 {
 
 /// Every registered method.
 pub fn registry() -> &'static [&'static dyn MergeMethod] {
-    &[&fisher::Fisher, &regmean::RegMean]
+    use task_arithmetic as ta;
+    static REGISTRY: [&dyn MergeMethod; 15] = [
+        &linear::Linear,
+        &slerp::Slerp,
+        &nuslerp::NuSlerp,
+        &ta::TASK_ARITHMETIC,
+        &ta::TIES,
+        &ta::DARE_TIES,
+        &ta::DARE_LINEAR,
+        &ta::BREADCRUMBS,
+        &ta::BREADCRUMBS_TIES,
+        &ta::DELLA,
+        &ta::DELLA_LINEAR,
+        &model_stock::ModelStock,
+        &passthrough::Passthrough,
+        &fisher::Fisher,
+        &regmean::RegMean,
+    ];
+    &REGISTRY
 }
 
 /// Look a method up by its registry key; the error lists the known keys.

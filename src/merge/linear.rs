@@ -1,0 +1,168 @@
+//! `linear`: the weighted average of the models — the model soup of Wortsman et al. 2022
+//! ("Model soups: averaging weights of multiple fine-tuned models improves accuracy without
+//! increasing inference time", ICML 2022), and with equal weights the uniform soup / SWA.
+//!
+//! ```text
+//! θ = Σ_j w_j θ_j                 (normalize = false)
+//! θ = Σ_j w_j θ_j / Σ_j w_j       (normalize = true, the default)
+//! ```
+//!
+//! As in mergekit 0.1.5, the base model has no special role here: a recipe that lists it among
+//! `models` gives it a weight like any other input, and the executor passes it among
+//! [`MergeInput::models`]. A separate [`MergeInput::base`] is ignored.
+
+use rayon::prelude::*;
+
+use super::util::{CHUNK, check, global_flag, per_model, tensor_err};
+use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
+use crate::error::Result;
+
+/// The weighted average (see the module docs).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Linear;
+
+static PARAMS: &[ParamDecl] = &[
+    ParamDecl {
+        name: "weight",
+        scope: Scope::PerModel,
+        kind: ParamKind::Float {
+            min: -1.0,
+            max: 2.0,
+        },
+        default: None,
+        doc: "weight of this model in the average",
+    },
+    ParamDecl {
+        name: "normalize",
+        scope: Scope::Global,
+        kind: ParamKind::Bool,
+        default: Some(1.0),
+        doc: "divide by the sum of the weights",
+    },
+];
+
+impl MergeMethod for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn params(&self) -> &'static [ParamDecl] {
+        PARAMS
+    }
+
+    fn base(&self) -> BaseUse {
+        BaseUse::Optional
+    }
+
+    fn model_count(&self) -> (usize, Option<usize>) {
+        (1, None)
+    }
+
+    fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>> {
+        let n = check(self, input)?;
+        let name = self.name();
+        let weights = (0..input.models.len())
+            .map(|j| per_model(name, input, j, "weight").map(|w| w as f32))
+            .collect::<Result<Vec<f32>>>()?;
+        let normalize = global_flag(name, input, "normalize")?;
+        let total: f32 = weights.iter().sum();
+        if normalize && total == 0.0 {
+            return Err(tensor_err(
+                name,
+                input.tensor,
+                format!("weights {weights:?} sum to zero, cannot normalize"),
+            ));
+        }
+        let mut out = vec![0.0f32; n];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+            let start = c * CHUNK;
+            for (m, &w) in input.models.iter().zip(&weights) {
+                let x = &m[start..start + o.len()];
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o += w * x;
+                }
+            }
+            if normalize {
+                for o in o.iter_mut() {
+                    *o /= total;
+                }
+            }
+        });
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::util::testing::{assert_close, input, params};
+    use super::*;
+
+    #[test]
+    fn weighted_average_normalized() {
+        let a = [1.0f32, 2.0, -3.0];
+        let b = [3.0f32, 0.0, 1.0];
+        let inp = input(
+            &Linear,
+            &[3],
+            None,
+            vec![&a, &b],
+            vec![params(&[("weight", 1.0)]), params(&[("weight", 3.0)])],
+            params(&[]),
+            0,
+        );
+        // (1·a + 3·b) / 4
+        assert_close(&Linear.merge(&inp).unwrap(), &[2.5, 0.5, 0.0], 1e-6);
+    }
+
+    #[test]
+    fn weighted_sum_without_normalize() {
+        let a = [1.0f32, 2.0];
+        let b = [3.0f32, -1.0];
+        let inp = input(
+            &Linear,
+            &[2],
+            None,
+            vec![&a, &b],
+            vec![params(&[("weight", 0.5)]), params(&[("weight", 2.0)])],
+            params(&[("normalize", 0.0)]),
+            0,
+        );
+        assert_close(&Linear.merge(&inp).unwrap(), &[6.5, -1.0], 1e-6);
+    }
+
+    #[test]
+    fn zero_weight_sum_is_an_error_naming_the_tensor() {
+        let a = [1.0f32];
+        let inp = input(
+            &Linear,
+            &[1],
+            None,
+            vec![&a, &a],
+            vec![params(&[("weight", 1.0)]), params(&[("weight", -1.0)])],
+            params(&[]),
+            0,
+        );
+        let err = Linear.merge(&inp).unwrap_err().to_string();
+        assert!(
+            err.contains("test.weight") && err.contains("sum to zero"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_length_is_an_error() {
+        let a = [1.0f32, 2.0];
+        let b = [1.0f32];
+        let inp = input(
+            &Linear,
+            &[2],
+            None,
+            vec![&a, &b],
+            vec![params(&[("weight", 1.0)]), params(&[("weight", 1.0)])],
+            params(&[]),
+            0,
+        );
+        let err = Linear.merge(&inp).unwrap_err().to_string();
+        assert!(err.contains("model 1 has 1 elements"), "{err}");
+    }
+}

@@ -1,0 +1,573 @@
+//! The task-arithmetic family as one generalized pipeline, with eight registered presets.
+//!
+//! ```text
+//! δ_j  = θ_j − θ_base                                   task vector (Ilharco et al. 2023)
+//! δ'_j = sparsify(δ_j; density_j, gamma_j, ε_j) · s_j    s_j = L1 rescale when `rescale`
+//! u_j  = w_j · δ'_j
+//! consensus (sum): σ = sign(Σ_j u_j) (σ = + when the sum is 0);  m_j = [sign(u_j) = σ]
+//!                  (no consensus: m_j = 1)
+//! Δ    = Σ_j m_j u_j
+//! Δ   /= Σ_j m_j w_j   (elementwise; 0 → 1)   with consensus,  when `normalize`
+//! Δ   /= Σ_j w_j       (|·| < 1e-8 → 1)       without,         when `normalize`
+//! θ    = θ_base + λ · Δ
+//! ```
+//!
+//! | key | sparsify | consensus | normalize | rescale | paper |
+//! |---|---|---|---|---|---|
+//! | `task_arithmetic` | — | — | false | false | Ilharco et al. 2023, "Editing models with task arithmetic" (ICLR) |
+//! | `ties` | magnitude | sum | true | false | Yadav et al. 2023, "TIES-Merging" (NeurIPS) |
+//! | `dare_ties` | random | sum | false | true | Yu et al. 2024, "Language models are Super Mario" (ICML) |
+//! | `dare_linear` | random | — | false | true | Yu et al. 2024 |
+//! | `breadcrumbs` | top γ + bottom | — | false | false | Davari & Belilovsky 2024, "Model Breadcrumbs" (ECCV) |
+//! | `breadcrumbs_ties` | top γ + bottom | sum | false | false | Davari & Belilovsky 2024 |
+//! | `della` | MAGPRUNE | sum | true | true | Deep et al. 2024, "DELLA-Merging" |
+//! | `della_linear` | MAGPRUNE | — | false | true | Deep et al. 2024 |
+//!
+//! Defaults and formulas are mergekit 0.1.5's (`generalized_task_arithmetic.py`, `sparsify.py`);
+//! see [`super::sparsify`] for the sparsifiers. `int8_mask` is accepted for recipe compatibility
+//! and changes nothing (it only picks mergekit's mask dtype). Unlike mergekit, which declares
+//! `density` for `task_arithmetic` too, `task_arithmetic` does not declare it: it has no
+//! sparsification, so a `density` there would be a dead search gene.
+//!
+//! The merge is one fused pass over the tensor in chunks (rayon): task vectors are recomputed
+//! from the inputs, nothing of the tensor's size is allocated except the output and one bitset
+//! per sparsified model.
+
+use rayon::prelude::*;
+
+use super::sparsify::{Kept, Sparsified, Sparsify, SparsifyArgs, sparsify};
+use super::util::{CHUNK, base, check, global, global_flag, per_model, tensor_err};
+use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
+use crate::error::Result;
+
+/// One configuration of the pipeline.
+#[derive(Debug)]
+pub struct Preset {
+    /// Registry key.
+    pub name: &'static str,
+    pub sparsify: Option<Sparsify>,
+    /// Sign consensus by the sign of the summed weighted task vectors (TIES's election).
+    pub consensus: bool,
+    /// The declared parameters (defaults differ per preset).
+    pub params: &'static [ParamDecl],
+}
+
+/// A task-arithmetic-family method: the generalized pipeline with one [`Preset`].
+#[derive(Debug)]
+pub struct TaskArithmetic {
+    pub preset: Preset,
+}
+
+const fn flag(name: &'static str, default: bool, doc: &'static str) -> ParamDecl {
+    ParamDecl {
+        name,
+        scope: Scope::Global,
+        kind: ParamKind::Bool,
+        default: Some(if default { 1.0 } else { 0.0 }),
+        doc,
+    }
+}
+
+const fn normalize(default: bool) -> ParamDecl {
+    flag(
+        "normalize",
+        default,
+        "divide the summed task vectors by the summed weights (of agreeing entries)",
+    )
+}
+
+const fn rescale(default: bool) -> ParamDecl {
+    flag(
+        "rescale",
+        default,
+        "scale kept entries so each task vector keeps its L1 norm",
+    )
+}
+
+const INT8_MASK: ParamDecl = flag(
+    "int8_mask",
+    false,
+    "mergekit's int8 mask dtype (no effect on the result)",
+);
+const LAMBDA: ParamDecl = ParamDecl {
+    name: "lambda",
+    scope: Scope::Global,
+    kind: ParamKind::Float { min: 0.0, max: 3.0 },
+    default: Some(1.0),
+    doc: "scale of the merged task vector",
+};
+const WEIGHT: ParamDecl = ParamDecl {
+    name: "weight",
+    scope: Scope::PerModel,
+    kind: ParamKind::Float {
+        min: -1.0,
+        max: 2.0,
+    },
+    default: None,
+    doc: "weight of this model's task vector",
+};
+const DENSITY: ParamDecl = ParamDecl {
+    name: "density",
+    scope: Scope::PerModel,
+    kind: ParamKind::Float { min: 0.0, max: 1.0 },
+    default: Some(1.0),
+    doc: "share of the task vector's entries to keep",
+};
+const GAMMA: ParamDecl = ParamDecl {
+    name: "gamma",
+    scope: Scope::PerModel,
+    kind: ParamKind::Float { min: 0.0, max: 1.0 },
+    default: Some(0.01),
+    doc: "share of the largest-magnitude entries to drop",
+};
+const EPSILON: ParamDecl = ParamDecl {
+    name: "epsilon",
+    scope: Scope::PerModel,
+    kind: ParamKind::Float { min: 0.0, max: 0.5 },
+    default: Some(0.15),
+    doc: "spread of keep probabilities: density ± epsilon by magnitude rank",
+};
+
+macro_rules! preset {
+    ($static:ident, $name:literal, $sparsify:expr, $consensus:expr, $norm:expr, $rescale:expr
+     $(, $extra:expr)*) => {
+        #[doc = concat!("The `", $name, "` preset.")]
+        pub static $static: TaskArithmetic = TaskArithmetic {
+            preset: Preset {
+                name: $name,
+                sparsify: $sparsify,
+                consensus: $consensus,
+                params: &[
+                    WEIGHT,
+                    $($extra,)*
+                    LAMBDA,
+                    normalize($norm),
+                    rescale($rescale),
+                    INT8_MASK,
+                ],
+            },
+        };
+    };
+}
+
+preset!(
+    TASK_ARITHMETIC,
+    "task_arithmetic",
+    None,
+    false,
+    false,
+    false
+);
+preset!(
+    TIES,
+    "ties",
+    Some(Sparsify::Magnitude),
+    true,
+    true,
+    false,
+    DENSITY
+);
+preset!(
+    DARE_TIES,
+    "dare_ties",
+    Some(Sparsify::Random),
+    true,
+    false,
+    true,
+    DENSITY
+);
+preset!(
+    DARE_LINEAR,
+    "dare_linear",
+    Some(Sparsify::Random),
+    false,
+    false,
+    true,
+    DENSITY
+);
+preset!(
+    BREADCRUMBS,
+    "breadcrumbs",
+    Some(Sparsify::Breadcrumbs),
+    false,
+    false,
+    false,
+    DENSITY,
+    GAMMA
+);
+preset!(
+    BREADCRUMBS_TIES,
+    "breadcrumbs_ties",
+    Some(Sparsify::Breadcrumbs),
+    true,
+    false,
+    false,
+    DENSITY,
+    GAMMA
+);
+preset!(
+    DELLA,
+    "della",
+    Some(Sparsify::Della),
+    true,
+    true,
+    true,
+    DENSITY,
+    EPSILON
+);
+preset!(
+    DELLA_LINEAR,
+    "della_linear",
+    Some(Sparsify::Della),
+    false,
+    false,
+    true,
+    DENSITY,
+    EPSILON
+);
+
+impl MergeMethod for TaskArithmetic {
+    fn name(&self) -> &'static str {
+        self.preset.name
+    }
+
+    fn params(&self) -> &'static [ParamDecl] {
+        self.preset.params
+    }
+
+    fn base(&self) -> BaseUse {
+        BaseUse::Required
+    }
+
+    fn model_count(&self) -> (usize, Option<usize>) {
+        (1, None)
+    }
+
+    fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>> {
+        let n = check(self, input)?;
+        let b = base(self, input)?;
+        let name = self.name();
+        let models = &input.models;
+        let k = models.len();
+        let normalize = global_flag(name, input, "normalize")?;
+        let rescale = global_flag(name, input, "rescale")?;
+        let lambda = global(name, input, "lambda")? as f32;
+        let weights = (0..k)
+            .map(|j| per_model(name, input, j, "weight").map(|w| w as f32))
+            .collect::<Result<Vec<f32>>>()?;
+
+        // 1. sparsify each task vector (models in parallel; each also parallel inside)
+        let sparse: Vec<Sparsified> = match self.preset.sparsify {
+            None => vec![
+                Sparsified {
+                    kept: Kept::All,
+                    scale: 1.0,
+                };
+                k
+            ],
+            Some(kind) => (0..k)
+                .into_par_iter()
+                .map(|j| {
+                    let get = |p: &str| -> Result<f64> {
+                        if self.params().iter().any(|d| d.name == p) {
+                            per_model(name, input, j, p)
+                        } else {
+                            Ok(0.0)
+                        }
+                    };
+                    let args = SparsifyArgs {
+                        density: get("density")?,
+                        gamma: get("gamma")?,
+                        epsilon: get("epsilon")?,
+                        rescale,
+                        seed: input.seed,
+                        model: j as u64,
+                    };
+                    sparsify(kind, models[j], b, input.shape, &args)
+                        .map_err(|e| tensor_err(name, input.tensor, format!("model {j}: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+
+        // 2. one fused pass: weight, consensus, sum, normalize, λ, + base
+        let consensus = self.preset.consensus;
+        let mut total: f32 = weights.iter().sum();
+        if total.abs() < 1e-8 {
+            total = 1.0;
+        }
+        let mut out = vec![0.0f32; n];
+        out.par_chunks_mut(CHUNK).enumerate().for_each_init(
+            || vec![0.0f32; (k + 2) * CHUNK],
+            |scratch, (c, o)| {
+                let start = c * CHUNK;
+                let len = o.len();
+                let bb = &b[start..start + len];
+                let (deltas, rest) = scratch.split_at_mut(k * CHUNK);
+                let (sum, div) = rest.split_at_mut(CHUNK);
+                let (sum, div) = (&mut sum[..len], &mut div[..len]);
+                for (j, s) in sparse.iter().enumerate() {
+                    let d = &mut deltas[j * CHUNK..j * CHUNK + len];
+                    let m = &models[j][start..start + len];
+                    let (scale, w) = (s.scale, weights[j]);
+                    match &s.kept {
+                        Kept::All => {
+                            for ((d, &m), &b) in d.iter_mut().zip(m).zip(bb) {
+                                *d = (m - b) * scale * w;
+                            }
+                        }
+                        Kept::Nothing => d.fill(0.0),
+                        Kept::Mask(words) => {
+                            let words = &words[start / 64..];
+                            for (i, ((d, &m), &b)) in d.iter_mut().zip(m).zip(bb).enumerate() {
+                                let keep = (words[i / 64] >> (i % 64)) & 1 == 1;
+                                *d = if keep { (m - b) * scale * w } else { 0.0 };
+                            }
+                        }
+                    }
+                }
+                if consensus {
+                    sum.fill(0.0);
+                    div.fill(0.0);
+                    o.fill(0.0);
+                    for j in 0..k {
+                        for (s, &d) in sum.iter_mut().zip(&deltas[j * CHUNK..j * CHUNK + len]) {
+                            *s += d;
+                        }
+                    }
+                    for (j, &w) in weights.iter().enumerate() {
+                        let d = &deltas[j * CHUNK..j * CHUNK + len];
+                        for (((o, dv), &s), &d) in
+                            o.iter_mut().zip(div.iter_mut()).zip(&*sum).zip(d)
+                        {
+                            let agree = if s >= 0.0 { d > 0.0 } else { d < 0.0 };
+                            *o += if agree { d } else { 0.0 };
+                            *dv += if agree { w } else { 0.0 };
+                        }
+                    }
+                    for ((o, &dv), &b) in o.iter_mut().zip(&*div).zip(bb) {
+                        let mut x = *o;
+                        if normalize {
+                            x /= if dv == 0.0 { 1.0 } else { dv };
+                        }
+                        *o = b + x * lambda;
+                    }
+                } else {
+                    o.copy_from_slice(&deltas[..len]);
+                    for j in 1..k {
+                        for (o, &d) in o.iter_mut().zip(&deltas[j * CHUNK..j * CHUNK + len]) {
+                            *o += d;
+                        }
+                    }
+                    let inv = if normalize { total } else { 1.0 };
+                    for (o, &b) in o.iter_mut().zip(bb) {
+                        *o = b + (*o / inv) * lambda;
+                    }
+                }
+            },
+        );
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::util::testing::{assert_close, input, params};
+    use super::*;
+
+    fn run(
+        method: &TaskArithmetic,
+        base: &[f32],
+        models: &[&[f32]],
+        model_params: Vec<Vec<(&str, f64)>>,
+        global: &[(&str, f64)],
+    ) -> Result<Vec<f32>> {
+        let shape = [base.len()];
+        let inp = input(
+            method,
+            &shape,
+            Some(base),
+            models.to_vec(),
+            model_params.iter().map(|p| params(p)).collect(),
+            params(global),
+            42,
+        );
+        method.merge(&inp)
+    }
+
+    #[test]
+    fn task_arithmetic_adds_scaled_task_vectors() {
+        let base = [1.0f32, 2.0, 3.0];
+        let a = [2.0f32, 2.0, 1.0]; // δ = (1, 0, −2)
+        let b = [1.0f32, 4.0, 4.0]; // δ = (0, 2, 1)
+        let got = run(
+            &TASK_ARITHMETIC,
+            &base,
+            &[&a, &b],
+            vec![vec![("weight", 0.5)], vec![("weight", 1.0)]],
+            &[("lambda", 2.0)],
+        )
+        .unwrap();
+        // base + 2·(0.5δa + δb) = base + (1, 4, 0)
+        assert_close(&got, &[2.0, 6.0, 3.0], 1e-6);
+        // normalize divides by Σw = 1.5
+        let got = run(
+            &TASK_ARITHMETIC,
+            &base,
+            &[&a, &b],
+            vec![vec![("weight", 0.5)], vec![("weight", 1.0)]],
+            &[("normalize", 1.0)],
+        )
+        .unwrap();
+        assert_close(&got, &[1.0 + 0.5 / 1.5, 2.0 + 2.0 / 1.5, 3.0], 1e-6);
+    }
+
+    #[test]
+    fn ties_sign_election_on_paper() {
+        // δa = (3, −1, 2, 0.5), δb = (−1, −2, 1, −4), δc = (−1, 3, −0.5, 1); density 1
+        let base = [0.0f32; 4];
+        let a = [3.0f32, -1.0, 2.0, 0.5];
+        let b = [-1.0f32, -2.0, 1.0, -4.0];
+        let c = [-1.0f32, 3.0, -0.5, 1.0];
+        let w = |x: f64| vec![("weight", x)];
+        let got = run(
+            &TIES,
+            &base,
+            &[&a, &b, &c],
+            vec![w(1.0), w(1.0), w(1.0)],
+            &[],
+        )
+        .unwrap();
+        // sums: 1 → +: mean of {3}; 0 → + (ties go +): mean of {3}; 2.5 → +: (2+1)/2;
+        // −2.5 → −: mean of {−4}
+        assert_close(&got, &[3.0, 3.0, 1.5, -4.0], 1e-6);
+        // unnormalized: plain sum of agreeing entries
+        let got = run(
+            &TIES,
+            &base,
+            &[&a, &b, &c],
+            vec![w(1.0), w(1.0), w(1.0)],
+            &[("normalize", 0.0)],
+        )
+        .unwrap();
+        assert_close(&got, &[3.0, 3.0, 3.0, -4.0], 1e-6);
+        // weights enter the election and the divisor: w = (1, 2, 1)
+        let got = run(
+            &TIES,
+            &base,
+            &[&a, &b, &c],
+            vec![w(1.0), w(2.0), w(1.0)],
+            &[],
+        )
+        .unwrap();
+        // entry 0: u = (3, −2, −1) sum 0 → +: 3/1; entry 1: (−1, −4, 3) → −: (−1−4)/(1+2)
+        // entry 2: (2, 2, −0.5) → +: 4/3; entry 3: (0.5, −8, 1) → −: −8/2
+        assert_close(&got, &[3.0, -5.0 / 3.0, 4.0 / 3.0, -4.0], 1e-6);
+    }
+
+    #[test]
+    fn ties_trims_before_the_election() {
+        // density 0.5 keeps the two largest |δ| of each model
+        let base = [0.0f32; 4];
+        let a = [4.0f32, -1.0, 0.5, -3.0]; // keeps 4, −3
+        let b = [-1.0f32, 2.0, -5.0, 0.1]; // keeps 2, −5
+        let d = |x: f64| vec![("weight", 1.0), ("density", x)];
+        let got = run(&TIES, &base, &[&a, &b], vec![d(0.5), d(0.5)], &[]).unwrap();
+        assert_close(&got, &[4.0, 2.0, -5.0, -3.0], 1e-6);
+    }
+
+    #[test]
+    fn breadcrumbs_and_dare_presets() {
+        let base = [0.0f32; 10];
+        let a = [0.1f32, -0.5, 0.3, 0.05, -0.2, 0.4, 0.6, -0.7, 0.8, 0.9];
+        let got = run(
+            &BREADCRUMBS,
+            &base,
+            &[&a],
+            vec![vec![("weight", 2.0), ("density", 0.5), ("gamma", 0.2)]],
+            &[],
+        )
+        .unwrap();
+        let want = [0.0, -1.0, 0.6, 0.0, 0.0, 0.8, 1.2, -1.4, 0.0, 0.0];
+        assert_close(&got, &want, 1e-6);
+
+        // dare_linear, one model: kept entries scaled so Σ|δ| is preserved
+        let n = 4096;
+        let base = vec![0.0f32; n];
+        let x: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+        let got = run(
+            &DARE_LINEAR,
+            &base,
+            &[&x],
+            vec![vec![("weight", 1.0), ("density", 0.25)]],
+            &[],
+        )
+        .unwrap();
+        let l1 = |v: &[f32]| v.iter().map(|x| f64::from(x.abs())).sum::<f64>();
+        assert!((l1(&got) / l1(&x) - 1.0).abs() < 1e-5);
+        let kept = got.iter().filter(|v| **v != 0.0).count() as f64;
+        let nonzero = x.iter().filter(|v| **v != 0.0).count() as f64;
+        assert!((kept / nonzero - 0.25).abs() < 0.03, "{}", kept / nonzero);
+        // kept entries are the originals times one common factor
+        let factor = got
+            .iter()
+            .zip(&x)
+            .find(|(g, _)| **g != 0.0)
+            .map(|(g, x)| g / x)
+            .unwrap();
+        for (g, x) in got.iter().zip(&x) {
+            assert!(*g == 0.0 || (g - x * factor).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn della_checks_epsilon_and_names_the_tensor() {
+        let base = [0.0f32; 4];
+        let a = [1.0f32, 2.0, 3.0, 4.0];
+        let err = run(
+            &DELLA,
+            &base,
+            &[&a],
+            vec![vec![("weight", 1.0), ("density", 0.1)]],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("test.weight") && err.contains("epsilon"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn seeded_methods_are_reproducible() {
+        let n = 50_000;
+        let base = vec![0.0f32; n];
+        let x: Vec<f32> = (0..n).map(|i| ((i * 31) % 101) as f32 - 50.0).collect();
+        let p = || vec![vec![("weight", 1.0), ("density", 0.4)]];
+        let one = run(&DELLA_LINEAR, &base, &[&x], p(), &[]).unwrap();
+        let two = run(&DELLA_LINEAR, &base, &[&x], p(), &[]).unwrap();
+        assert_eq!(one, two);
+    }
+
+    #[test]
+    fn defaults_match_mergekit() {
+        let default = |m: &TaskArithmetic, p: &str| {
+            m.params()
+                .iter()
+                .find(|d| d.name == p)
+                .and_then(|d| d.default)
+        };
+        assert_eq!(default(&TIES, "normalize"), Some(1.0));
+        assert_eq!(default(&TASK_ARITHMETIC, "normalize"), Some(0.0));
+        assert_eq!(default(&DARE_TIES, "rescale"), Some(1.0));
+        assert_eq!(default(&DARE_LINEAR, "rescale"), Some(1.0));
+        assert_eq!(default(&DELLA, "normalize"), Some(1.0));
+        assert_eq!(default(&DELLA_LINEAR, "normalize"), Some(0.0));
+        assert_eq!(default(&BREADCRUMBS, "gamma"), Some(0.01));
+        assert_eq!(default(&DELLA, "epsilon"), Some(0.15));
+        assert_eq!(default(&TIES, "lambda"), Some(1.0));
+        assert_eq!(default(&TIES, "density"), Some(1.0));
+        assert_eq!(default(&TIES, "weight"), None);
+        assert_eq!(default(&TASK_ARITHMETIC, "density"), None);
+    }
+}
