@@ -17,6 +17,7 @@ pub mod linear;
 pub mod model_stock;
 pub mod nuslerp;
 pub mod passthrough;
+pub mod plan;
 pub mod regmean;
 pub mod slerp;
 pub mod soup;
