@@ -231,7 +231,10 @@ impl CommandEvaluator {
             values.insert("recipe", path_str(&path));
         }
         let model_dir = match &candidate.body {
-            CandidateBody::Dir(dir) => Some(dir.clone()),
+            // Absolute, so a `cwd` of the command does not change what a relative path means.
+            CandidateBody::Dir(dir) => {
+                Some(std::path::absolute(dir).map_err(|e| Error::io(dir, e))?)
+            }
             CandidateBody::Merged(model) if self.spec.write_model => Some(
                 self.write_model(model, scratch.path())
                     .map_err(|e| EvalError::Candidate(format!("writing the model: {e}")))?,
@@ -474,9 +477,10 @@ struct ScratchDir {
 impl ScratchDir {
     fn create(parent: Option<&Path>) -> Result<Self> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let parent = parent
-            .map(Path::to_path_buf)
-            .unwrap_or_else(std::env::temp_dir);
+        let parent = match parent {
+            Some(p) => std::path::absolute(p).map_err(|e| Error::io(p, e))?,
+            None => std::env::temp_dir(),
+        };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
