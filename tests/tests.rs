@@ -7,3 +7,4 @@ mod merge;
 mod model;
 mod eval;
 mod search;
+mod digits;
