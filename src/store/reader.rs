@@ -117,12 +117,24 @@ pub(crate) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>
         .map_err(|e| st_err(path, format!("header is not UTF-8: {e}")))?;
     let json: Value = serde_json::from_str(header)
         .map_err(|e| st_err(path, format!("header is not valid JSON: {e}")))?;
-    let Value::Object(map) = json else {
+    if !json.is_object() {
         return Err(st_err(path, "header is not a JSON object"));
-    };
+    }
+    // Parsed again as a list of pairs: a JSON object silently keeps the last of duplicate keys,
+    // and a tensor listed twice is corruption we want to report.
+    let HeaderPairs(pairs) = serde_json::from_str(header)
+        .map_err(|e| st_err(path, format!("header is not valid JSON: {e}")))?;
+    let mut seen = std::collections::HashSet::with_capacity(pairs.len());
+    for (name, _) in &pairs {
+        if !seen.insert(name.as_str()) {
+            return Err(bad(path, name, "listed twice in the header"));
+        }
+    }
+    let mut pairs = pairs;
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
 
-    let mut entries = Vec::with_capacity(map.len());
-    for (name, entry) in &map {
+    let mut entries = Vec::with_capacity(pairs.len());
+    for (name, entry) in &pairs {
         if name == "__metadata__" {
             if !entry.is_object() {
                 return Err(st_err(path, "`__metadata__` is not a JSON object"));
@@ -227,8 +239,33 @@ pub(crate) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>
         }
     }
 
-    // serde_json's map is ordered by key, so `entries` is already sorted by name.
     Ok(entries)
+}
+
+/// A JSON object read as its (key, value) pairs in file order, duplicates kept.
+struct HeaderPairs(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for HeaderPairs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Pairs;
+        impl<'de> serde::de::Visitor<'de> for Pairs {
+            type Value = HeaderPairs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<HeaderPairs, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(pair) = map.next_entry::<String, Value>()? {
+                    pairs.push(pair);
+                }
+                Ok(HeaderPairs(pairs))
+            }
+        }
+        d.deserialize_map(Pairs)
+    }
 }
 
 /// Map a file read-only.
@@ -515,5 +552,10 @@ mod tests {
         ));
         assert!(e.contains("`b`") && e.contains("overlap tensor `a`"), "{e}");
         assert!(e.starts_with("x.safetensors"), "{e}");
+        let e = err(&file(
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+        ));
+        assert!(e.contains("`a`: listed twice"), "{e}");
     }
 }
