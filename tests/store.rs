@@ -615,3 +615,43 @@ fn incompatible_models_are_listed() {
     );
     assert!(s.contains("more differences"), "{s}");
 }
+
+#[test]
+fn files_written_by_the_reference_implementation_open() {
+    use safetensors::{Dtype, tensor::TensorView};
+    let tmp = tempfile::tempdir().unwrap();
+    let a: Vec<u8> = [1.5f32, -2.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    // bf16 0x3f80 = 1.0, 0xc040 = -3.0, 0x3e80 = 0.25 (odd length: the next tensor is unaligned).
+    let b: Vec<u8> = [0x3f80u16, 0xc040, 0x3e80]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let c: Vec<u8> = [0x3c00u16].iter().flat_map(|v| v.to_le_bytes()).collect(); // f16 1.0
+    let bytes = safetensors::serialize(
+        [
+            ("a", TensorView::new(Dtype::F32, vec![2], &a).unwrap()),
+            ("b", TensorView::new(Dtype::BF16, vec![1, 3], &b).unwrap()),
+            ("c", TensorView::new(Dtype::F16, vec![1], &c).unwrap()),
+        ],
+        None,
+    )
+    .unwrap();
+    let dir = tmp.path().join("ref");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("model.safetensors"), bytes).unwrap();
+    fs::write(dir.join("config.json"), r#"{"model_type": "x"}"#).unwrap();
+    let m = Model::open(&dir).unwrap();
+    assert_eq!(m.read("a").unwrap().data, vec![1.5, -2.0]);
+    assert_eq!(m.read("b").unwrap().data, vec![1.0, -3.0, 0.25]);
+    assert_eq!(m.read("b").unwrap().shape, vec![1, 3]);
+    assert_eq!(m.read("c").unwrap().data, vec![1.0]);
+    let mut short = [0f32; 2];
+    assert!(m.read_into("b", &mut short).is_err());
+    assert!(matches!(
+        m.read("zz").unwrap_err(),
+        Error::MissingTensor { ref tensor, .. } if tensor == "zz"
+    ));
+}
