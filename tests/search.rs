@@ -451,6 +451,33 @@ fn definitions_resolve_paths_and_refuse_mistakes() {
     assert!(load_str(&bad_gran).is_err());
     let unknown_space_key = MINIMAL.replace("granularity", "repeats = 2\ngranularity");
     assert!(load_str(&unknown_space_key).is_err());
+    let ps_dfs = MINIMAL.replace(
+        "kind = \"ps\"\ngranularity = \"every:2\"",
+        "kind = \"ps_dfs\"\nps_search = \"p.toml\"\nrepeats = 3",
+    );
+    let d = load_str(&ps_dfs).unwrap();
+    let SpaceDef::PsDfs { ps_search, dfs } = &d.space else {
+        panic!()
+    };
+    assert_eq!(ps_search, Path::new("/x/searches/p.toml"));
+    assert_eq!(dfs.repeats, 3);
+    let e = load_str(&ps_dfs.replace("repeats", "repeat"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("repeat"), "{e}");
+    let cmd = MINIMAL.replace(
+        "kind = \"lm\"\ntasks = [{ name = \"add\", path = \"../tasks/add\", metric = \"exact_match\" }]",
+        "kind = \"command\"\ncommand = [\"python3\", \"score.py\", \"{model_dir}\"]\ntimeout_s = 60.0",
+    );
+    let d = load_str(&cmd).unwrap();
+    let EvaluatorDef::Command { spec, .. } = &d.evaluator else {
+        panic!("{cmd}")
+    };
+    assert_eq!(spec.timeout_s, 60.0);
+    let e = load_str(&cmd.replace("timeout_s", "timeout"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("timeout"), "{e}");
 }
 
 #[test]
@@ -588,4 +615,74 @@ fn decoded_recipes_parse_for_every_registered_method() {
         checked += 1;
     }
     assert!(checked >= 1, "no registered method with Float parameters");
+}
+
+#[test]
+fn ps_search_merges_model_directories_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let fam = family(dir.path());
+    let toml = format!(
+        r#"
+name = "ps"
+models = [{:?}, {:?}]
+base_model = {:?}
+method = "ties"
+output = "out"
+[space]
+kind = "ps"
+granularity = "whole"
+embeddings = false
+params = ["weight", "density"]
+defaults = {{ weight = 1.0, density = 0.5 }}
+[evaluator]
+kind = "lm"
+tasks = []
+[optimizer]
+population = 6
+generations = 8
+seed = 3
+"#,
+        fam[1], fam[2], fam[0]
+    );
+    let def = SearchDef::from_toml(&toml, dir.path(), &dir.path().join("ps.toml")).unwrap();
+    // The target is ft1 itself: TIES reaches it with weight(ft2) = 0 and density(ft1) = 1.
+    let mem = evomerge::synth::mem_family(&evomerge::synth::LlamaSpec::tiny(), 2, 5);
+    let eval = Arc::new(evomerge::eval::double::TargetDistance::new(Arc::new(
+        mem[1].clone(),
+    )));
+    let opts = RunOptions {
+        write_model: true,
+        ..quiet()
+    };
+    let s = Search::prepare_with(&def, eval.clone(), &opts).unwrap();
+    assert_eq!(s.space.dim(), 4);
+    let out = def.output_dir();
+    let sum = s.run(&out, &opts).unwrap();
+    assert_eq!(
+        sum.failures,
+        0,
+        "{:?}",
+        history::load(&out).unwrap()[0].error
+    );
+    let r = evomerge::report::load(&out).unwrap();
+    let row = |n: &str| {
+        let row = r.rows.iter().find(|x| x.name == n);
+        row.and_then(|x| x.primary)
+            .unwrap_or_else(|| panic!("row {n}: {row:?}\n{}", r.markdown()))
+    };
+    // (target_distance scores in-memory candidates only: the source rows are failures)
+    assert!(r.rows[0].error.is_some());
+    assert!(
+        row("evolved (PS)") > row("default merge"),
+        "{}",
+        r.markdown()
+    );
+    // the model written to disk is the best recipe's merge
+    let written = evomerge::store::Model::open(out.join("model")).unwrap();
+    let mut tensors = evomerge::candidate::TensorMap::new();
+    for info in written.tensors() {
+        tensors.insert(info.name.clone(), written.read(&info.name).unwrap());
+    }
+    let mse = eval.mse(&tensors).unwrap();
+    assert!((-mse - row("evolved (PS)")).abs() < 1e-9, "{mse}");
 }

@@ -85,10 +85,10 @@ impl Report {
         for r in &self.rows {
             let cells: Vec<String> = cols
                 .iter()
-                .map(|c| r.metrics.get(c).map_or("–".into(), |v| format!("{v:.3}")))
+                .map(|c| r.metrics.get(c).map_or("–".into(), |v| num(*v)))
                 .collect();
             let mean = match (&r.primary, &r.error) {
-                (Some(p), _) => format!("**{p:.3}**"),
+                (Some(p), _) => format!("**{}**", num(*p)),
                 (None, Some(_)) => "failed".into(),
                 _ => "–".into(),
             };
@@ -103,6 +103,17 @@ impl Report {
             );
         }
         s
+    }
+}
+
+/// Three decimals, or three significant digits in scientific notation for very small or large
+/// magnitudes (distances, perplexities).
+fn num(v: f64) -> String {
+    let a = v.abs();
+    if v == 0.0 || (1e-2..1e4).contains(&a) {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.3e}")
     }
 }
 

@@ -49,6 +49,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::eval::Split;
+use crate::eval::command::CommandSpec;
 use crate::eval::tasks::TaskSpec;
 
 /// A whole search definition.
@@ -237,11 +238,10 @@ pub enum EvaluatorDef {
         #[serde(default = "dev")]
         fitness_split: Split,
     },
-    /// An external command (JSON in, JSON metrics out).
+    /// An external command (see [`crate::eval::command`] for the protocol and the keys).
     Command {
-        command: Vec<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        timeout_s: Option<f64>,
+        #[serde(flatten)]
+        spec: CommandSpec,
         #[serde(default = "dev")]
         fitness_split: Split,
     },
@@ -359,9 +359,19 @@ impl SearchDef {
         if let SpaceDef::PsDfs { ps_search, .. } = &mut self.space {
             join(ps_search);
         }
-        if let EvaluatorDef::Lm { tasks, .. } = &mut self.evaluator {
-            for t in tasks.iter_mut() {
-                *t = t.relative_to(dir);
+        match &mut self.evaluator {
+            EvaluatorDef::Lm { tasks, .. } => {
+                for t in tasks.iter_mut() {
+                    *t = t.relative_to(dir);
+                }
+            }
+            EvaluatorDef::Command { spec, .. } => {
+                for p in [&mut spec.cwd, &mut spec.donor, &mut spec.scratch_dir]
+                    .into_iter()
+                    .flatten()
+                {
+                    join(p);
+                }
             }
         }
     }

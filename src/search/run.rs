@@ -219,8 +219,8 @@ pub fn build_evaluator(def: &SearchDef) -> Result<Arc<dyn Evaluator>> {
                 },
             )?))
         }
-        EvaluatorDef::Command { .. } => Err(Error::Search(
-            "the command evaluator is not available in this build".into(),
+        EvaluatorDef::Command { spec, .. } => Ok(Arc::new(
+            crate::eval::command::CommandEvaluator::try_new(spec.clone())?,
         )),
     }
 }
@@ -450,7 +450,9 @@ impl Search {
                 interrupted = true;
                 break;
             }
-            records.sort_by_key(|r| r.index);
+            // A fixed order (by genome bits), so the generation's mean is summed the same way
+            // whatever order parallel evaluations finished in.
+            records.sort_by_cached_key(|r| history::key(r.generation, &r.genome));
             csv.write(&GenerationRow::from_records(
                 info.generation,
                 info.run,
