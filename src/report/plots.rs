@@ -434,6 +434,11 @@ fn route_plot<DB: DrawingBackend>(
         let scale = TextStyle::from((FONT, 12).into_font())
             .color(&RGBColor(70, 70, 70))
             .pos(Pos::new(HPos::Center, VPos::Top));
+        root.draw(&Rectangle::new(
+            [(x - 22, y + 18), (x + 22, y + 33)],
+            WHITE.filled(),
+        ))
+        .map_err(&e)?;
         root.draw(&Text::new(format!("×{:.2}", hop.scale), (x, y + 19), scale))
             .map_err(&e)?;
     }
