@@ -245,9 +245,11 @@ impl Search {
                 let method = crate::merge::method(method_name)?;
                 let base = def.base_model.as_ref();
                 let probe_path = base.unwrap_or(&def.models[0]);
-                let probe = models.get_or_open(probe_path)?;
-                for m in &def.models {
-                    models.get_or_open(m)?;
+                // Opened under the same (canonical) paths the decoded recipes name, so every
+                // candidate reuses these memory maps.
+                let probe = models.get_or_open(Path::new(&path_name(probe_path)))?;
+                for m in def.models.iter().chain(base) {
+                    models.get_or_open(Path::new(&path_name(m)))?;
                 }
                 let names: Vec<String> = probe.tensor_infos().into_iter().map(|i| i.name).collect();
                 let pos = |p: crate::arch::Position| -> Vec<String> {
