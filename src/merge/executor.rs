@@ -1,14 +1,38 @@
-//! Plan → execute: a recipe becomes a list of output tensors with resolved inputs and parameters;
-//! execution merges them in parallel (rayon) into a sink — a shard writer on disk, or a map in
-//! memory for search candidates.
+//! Plan → execute: a recipe becomes a [`Plan`] (a list of output tensors with resolved inputs and
+//! parameters, see [`crate::merge::plan`]); execution merges them in parallel (rayon) into a
+//! [`Sink`] — the shard writer on disk, or a map in memory for search candidates.
+//!
+//! Memory stays flat: each output tensor is read, merged and handed to the sink as soon as it is
+//! ready, and an in-flight budget caps how many tensor bytes are held at once (a tensor larger
+//! than the budget runs alone). Whole models are never loaded.
+//!
+//! ```no_run
+//! # fn main() -> evomerge::Result<()> {
+//! use evomerge::merge::executor::{merge_to_disk, MergeOptions};
+//! use evomerge::recipe::Recipe;
+//! use evomerge::store::ModelSet;
+//!
+//! let recipe = Recipe::from_path("examples/recipes/toy-ties.yml")?;
+//! let mut models = ModelSet::new();
+//! merge_to_disk(&recipe, &mut models, "out/merged".as_ref(), &MergeOptions::default())?;
+//! # Ok(()) }
+//! ```
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 
-use crate::candidate::MemModel;
-use crate::error::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::candidate::{MemModel, TensorMap};
+use crate::error::{Error, Result};
+use crate::merge::plan::{Plan, PlannedTensor, SourceRef, plan};
+use crate::merge::{MergeInput, tensor_seed};
 use crate::recipe::Recipe;
-use crate::store::ModelSet;
-use crate::tensor::DType;
+use crate::store::reader::{HeaderEntry, parse_header};
+use crate::store::{ModelSet, ModelWriter, TensorInfo, WriteConfig};
+use crate::tensor::{DType, TensorBuf};
 
 /// Options for running a merge.
 #[derive(Clone, Debug)]
@@ -19,8 +43,10 @@ pub struct MergeOptions {
     pub out_dtype: Option<DType>,
     /// Largest shard in bytes.
     pub max_shard_size: u64,
-    /// Show a progress bar.
+    /// Show a progress bar on stderr.
     pub progress: bool,
+    /// Tensor bytes (inputs + output, as f32) allowed in flight at once.
+    pub in_flight_bytes: usize,
 }
 
 impl Default for MergeOptions {
@@ -30,25 +56,330 @@ impl Default for MergeOptions {
             out_dtype: None,
             max_shard_size: 5_000_000_000,
             progress: false,
+            in_flight_bytes: 768 << 20,
         }
     }
 }
 
-/// Merge `recipe` into memory (the search's candidates). Models are taken from (or opened into)
-/// `models`, so repeated candidates reuse the same memory maps.
-pub fn merge_in_memory(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> Result<MemModel> {
-    let _ = (recipe, models, seed);
-    todo!("executor::merge_in_memory")
+/// Where merged tensors go.
+pub trait Sink: Sync {
+    /// Take one finished output tensor.
+    fn put(&self, tensor: &PlannedTensor, values: Vec<f32>) -> Result<()>;
 }
 
-/// Merge `recipe` into a Hugging Face model directory at `out_dir` (written to a temporary
-/// directory and renamed at the end).
+impl Sink for ModelWriter {
+    fn put(&self, tensor: &PlannedTensor, values: Vec<f32>) -> Result<()> {
+        self.write(&tensor.name, &values)
+    }
+}
+
+/// Collects merged tensors in memory, rounded through the output dtype so a candidate scores
+/// exactly as the model written to disk would.
+struct MemSink {
+    dtype: DType,
+    tensors: Mutex<TensorMap>,
+}
+
+impl Sink for MemSink {
+    fn put(&self, tensor: &PlannedTensor, mut values: Vec<f32>) -> Result<()> {
+        round_through(self.dtype, &mut values);
+        let buf = TensorBuf::new(tensor.shape.clone(), values);
+        self.tensors
+            .lock()
+            .expect("merge sink poisoned")
+            .insert(tensor.name.clone(), buf);
+        Ok(())
+    }
+}
+
+/// Round `values` to the precision of `dtype` (a no-op for f32).
+fn round_through(dtype: DType, values: &mut [f32]) {
+    match dtype {
+        DType::F32 => {}
+        DType::F16 => values
+            .iter_mut()
+            .for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+        DType::BF16 => values
+            .iter_mut()
+            .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+    }
+}
+
+/// Caps the bytes of tensors being merged at once. A request larger than the whole budget waits
+/// until nothing else is in flight, then runs alone.
+struct InFlight {
+    budget: usize,
+    used: Mutex<usize>,
+    freed: Condvar,
+}
+
+struct Permit<'a> {
+    pool: &'a InFlight,
+    bytes: usize,
+}
+
+impl InFlight {
+    fn new(budget: usize) -> Self {
+        InFlight {
+            budget,
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self, bytes: usize) -> Permit<'_> {
+        let mut used = self.used.lock().expect("in-flight budget poisoned");
+        while *used > 0 && *used + bytes > self.budget {
+            used = self.freed.wait(used).expect("in-flight budget poisoned");
+        }
+        *used += bytes;
+        Permit { pool: self, bytes }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let mut used = self.pool.used.lock().expect("in-flight budget poisoned");
+        *used -= self.bytes;
+        self.pool.freed.notify_all();
+    }
+}
+
+/// Run a plan: merge every output tensor (in parallel) and hand each to `sink` when ready.
+/// Stops at the first error; the error names the tensor.
+pub fn execute(
+    plan: &Plan,
+    models: &ModelSet,
+    seed: u64,
+    in_flight_bytes: usize,
+    sink: &dyn Sink,
+    progress: &ProgressBar,
+) -> Result<()> {
+    let budget = InFlight::new(in_flight_bytes);
+    let aux_files = AuxFiles::default();
+    plan.tensors.par_iter().try_for_each(|t| {
+        let numel: usize = t.shape.iter().product();
+        let inputs = t.models.len() + usize::from(t.base.is_some()) + 1;
+        let _permit = budget.acquire(numel * 4 * inputs);
+        let values = merge_one(plan, t, models, &aux_files, seed)?;
+        sink.put(t, values)?;
+        progress.inc(1);
+        Ok(())
+    })
+}
+
+/// Read one source tensor as f32.
+fn read(models: &ModelSet, src: &SourceRef, numel: usize) -> Result<Vec<f32>> {
+    let model = models.get(&src.model).ok_or_else(|| {
+        Error::msg(format!(
+            "model {} was not opened by the planner",
+            src.model.display()
+        ))
+    })?;
+    let info = model
+        .info(&src.tensor)
+        .ok_or_else(|| Error::MissingTensor {
+            model: src.model.clone(),
+            tensor: src.tensor.clone(),
+        })?;
+    if info.numel() != numel {
+        return Err(Error::BadTensor {
+            path: src.model.clone(),
+            tensor: src.tensor.clone(),
+            msg: format!(
+                "has shape {:?} ({} elements), the merge expects {numel}",
+                info.shape,
+                info.numel()
+            ),
+        });
+    }
+    let mut out = vec![0f32; numel];
+    model.read_into(&src.tensor, &mut out)?;
+    Ok(out)
+}
+
+/// Merge one planned tensor.
+fn merge_one(
+    plan: &Plan,
+    t: &PlannedTensor,
+    models: &ModelSet,
+    aux_files: &AuxFiles,
+    seed: u64,
+) -> Result<Vec<f32>> {
+    let numel: usize = t.shape.iter().product();
+    let base = t
+        .base
+        .as_ref()
+        .map(|b| read(models, b, numel))
+        .transpose()?;
+    let inputs = t
+        .models
+        .iter()
+        .map(|m| read(models, m, numel))
+        .collect::<Result<Vec<_>>>()?;
+    let aux = t
+        .aux
+        .iter()
+        .map(|a| a.as_ref().map_or(Ok(None), |a| aux_files.read(a)))
+        .collect::<Result<Vec<_>>>()?;
+    let input = MergeInput {
+        tensor: &t.name,
+        shape: &t.shape,
+        base: base.as_deref(),
+        models: inputs.iter().map(Vec::as_slice).collect(),
+        model_params: t.model_params.clone(),
+        global: t.global.clone(),
+        aux: aux.iter().map(|a| a.as_deref()).collect(),
+        seed: tensor_seed(seed, &t.name),
+    };
+    let out = plan.method.merge(&input).map_err(|e| Error::Tensor {
+        tensor: t.name.clone(),
+        msg: format!("{}: {e}", plan.method.name()),
+    })?;
+    if out.len() != numel {
+        return Err(Error::Tensor {
+            tensor: t.name.clone(),
+            msg: format!(
+                "{} returned {} values for shape {:?}",
+                plan.method.name(),
+                out.len(),
+                t.shape
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// Auxiliary safetensors files (Fisher diagonals, Gram matrices) beside the input models, each
+/// read and validated once per merge.
+#[derive(Default)]
+struct AuxFiles {
+    files: Mutex<HashMap<PathBuf, Arc<AuxFile>>>,
+}
+
+struct AuxFile {
+    bytes: Vec<u8>,
+    entries: Vec<HeaderEntry>,
+}
+
+impl AuxFiles {
+    /// The tensor `src.tensor` of the file `src.model` as f32; `None` when the file lacks it.
+    fn read(&self, src: &SourceRef) -> Result<Option<Vec<f32>>> {
+        let file = {
+            let mut files = self.files.lock().expect("aux cache poisoned");
+            match files.get(&src.model) {
+                Some(f) => f.clone(),
+                None => {
+                    let bytes = std::fs::read(&src.model).map_err(|e| Error::io(&src.model, e))?;
+                    let entries = parse_header(&src.model, &bytes)?;
+                    let f = Arc::new(AuxFile { bytes, entries });
+                    files.insert(src.model.clone(), f.clone());
+                    f
+                }
+            }
+        };
+        let Some(e) = file.entries.iter().find(|e| e.info.name == src.tensor) else {
+            return Ok(None);
+        };
+        let mut out = vec![0f32; e.info.numel()];
+        e.info
+            .dtype
+            .decode_into(&file.bytes[e.start..e.end], &mut out);
+        Ok(Some(out))
+    }
+}
+
+fn progress_bar(len: usize, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} merging [{bar:40}] {pos}/{len} tensors {elapsed_precise} eta {eta}",
+        )
+        .expect("valid progress template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Merge `recipe` into memory (the search's candidates). Models are taken from (or opened into)
+/// `models`, so repeated candidates reuse the same memory maps. Nothing touches the disk.
+pub fn merge_in_memory(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> Result<MemModel> {
+    let plan = plan(recipe, models)?;
+    let sink = MemSink {
+        dtype: plan.out_dtype,
+        tensors: Mutex::new(TensorMap::new()),
+    };
+    execute(
+        &plan,
+        models,
+        seed,
+        MergeOptions::default().in_flight_bytes,
+        &sink,
+        &ProgressBar::hidden(),
+    )?;
+    Ok(MemModel {
+        config: plan.config,
+        tensors: sink.tensors.into_inner().expect("merge sink poisoned"),
+    })
+}
+
+/// Merge `recipe` into a Hugging Face model directory at `out_dir`: written into a temporary
+/// directory beside it and renamed at the end, so a failed or killed merge leaves nothing under
+/// the final name.
 pub fn merge_to_disk(
     recipe: &Recipe,
     models: &mut ModelSet,
     out_dir: &Path,
     options: &MergeOptions,
 ) -> Result<PathBuf> {
-    let _ = (recipe, models, out_dir, options);
-    todo!("executor::merge_to_disk")
+    let mut plan = plan(recipe, models)?;
+    if let Some(dt) = options.out_dtype {
+        plan.out_dtype = dt;
+        plan.config["torch_dtype"] = serde_json::Value::from(dt.torch_name());
+    }
+    let infos: Vec<TensorInfo> = plan
+        .tensors
+        .iter()
+        .map(|t| TensorInfo {
+            name: t.name.clone(),
+            dtype: plan.out_dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let writer = ModelWriter::create(
+        out_dir,
+        &infos,
+        &WriteConfig {
+            max_shard_size: options.max_shard_size,
+        },
+    )?;
+    let bar = progress_bar(plan.tensors.len(), options.progress);
+    execute(
+        &plan,
+        models,
+        options.seed,
+        options.in_flight_bytes,
+        &writer,
+        &bar,
+    )?;
+    bar.finish_and_clear();
+    let card = model_card(&plan);
+    writer.finish(&plan.config, plan.donor.as_deref(), &card)
+}
+
+/// The README.md written beside a merged model: what made it, and the recipe to make it again.
+fn model_card(plan: &Plan) -> String {
+    format!(
+        "---\nlibrary_name: transformers\ntags:\n- merge\n- mergekit\n- evomerge\n---\n\
+         # Merged model\n\n\
+         This model was merged with evomerge using the \
+         `{method}` merge method. The recipe below is mergekit-compatible YAML: \
+         `evomerge merge recipe.yml OUT` (or `mergekit-yaml recipe.yml OUT`) builds it again.\n\n\
+         ## Recipe\n\n```yaml\n{yaml}```\n",
+        method = plan.method.name(),
+        yaml = plan.recipe_yaml,
+    )
 }

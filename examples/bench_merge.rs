@@ -1,0 +1,203 @@
+//! Merge throughput benchmark: a synthetic Llama family (base + 2 fine-tunes) generated from a
+//! seed, then `linear` and `ties` merges timed against a baseline measured in the same run —
+//! reading every input byte once and writing the output bytes once. Each merge runs in a child
+//! process so its peak RSS (VmHWM) is its own.
+//!
+//! ```text
+//! cargo run --release --example bench_merge                 # 0.5 B params, bf16 (issue 2's set)
+//! cargo run --release --example bench_merge -- --size tiny  # seconds; what CI runs
+//! ```
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use evomerge::merge::executor::{MergeOptions, merge_to_disk};
+use evomerge::recipe::Recipe;
+use evomerge::store::ModelSet;
+use evomerge::synth::{LlamaSpec, write_family};
+use evomerge::tensor::DType;
+
+fn spec(size: &str) -> LlamaSpec {
+    if size == "0.5b" {
+        return LlamaSpec::bench();
+    }
+    match size {
+        "small" => LlamaSpec {
+            hidden: 512,
+            layers: 4,
+            intermediate: 1408,
+            vocab: 8000,
+            heads: 8,
+            kv_heads: 8,
+            dtype: DType::BF16,
+            tie_embeddings: false,
+        },
+        _ => LlamaSpec {
+            hidden: 128,
+            layers: 2,
+            intermediate: 352,
+            vocab: 1000,
+            heads: 4,
+            kv_heads: 4,
+            dtype: DType::BF16,
+            tie_embeddings: false,
+        },
+    }
+}
+
+/// Peak resident set size of this process, in bytes (Linux; 0 elsewhere).
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn safetensors_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("model dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// The baseline: read every byte of the input models once, write as many bytes as the output.
+fn read_write_baseline(models: &[PathBuf], out: &Path) -> f64 {
+    let start = Instant::now();
+    let mut buf = vec![0u8; 8 << 20];
+    let mut out_bytes = 0u64;
+    for (i, m) in models.iter().enumerate() {
+        for f in safetensors_files(m) {
+            let mut file = File::open(&f).expect("open input");
+            loop {
+                let n = file.read(&mut buf).expect("read input");
+                if n == 0 {
+                    break;
+                }
+                if i == 0 {
+                    out_bytes += n as u64;
+                }
+                std::hint::black_box(&buf[..n]);
+            }
+        }
+    }
+    let mut file = File::create(out).expect("create baseline output");
+    let mut left = out_bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        file.write_all(&buf[..n]).expect("write baseline output");
+        left -= n as u64;
+    }
+    file.sync_data().ok();
+    drop(file);
+    std::fs::remove_file(out).ok();
+    start.elapsed().as_secs_f64()
+}
+
+fn recipe_text(method: &str, family: &[PathBuf]) -> String {
+    let base = family[0].display();
+    let models: String = family[1..]
+        .iter()
+        .map(|m| {
+            format!(
+                "  - model: {}\n    parameters:\n      weight: 0.5\n      density: 0.5\n",
+                m.display()
+            )
+        })
+        .collect();
+    let models = if method == "linear" {
+        format!(
+            "  - model: {base}\n    parameters:\n      weight: 0.5\n{}",
+            models.replace("      density: 0.5\n", "")
+        )
+    } else {
+        models
+    };
+    format!("merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: bfloat16\n")
+}
+
+/// Child mode: run one merge and print `seconds peak_rss_bytes`.
+fn child(method: &str, root: &Path, family: &[PathBuf]) {
+    let recipe = Recipe::from_str(&recipe_text(method, family), None).expect("recipe");
+    let out = root.join(format!("out-{method}"));
+    let _ = std::fs::remove_dir_all(&out);
+    let start = Instant::now();
+    merge_to_disk(
+        &recipe,
+        &mut ModelSet::new(),
+        &out,
+        &MergeOptions::default(),
+    )
+    .expect("merge");
+    let secs = start.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(&out).ok();
+    println!("{secs} {}", peak_rss());
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--child") {
+        let root = PathBuf::from(&args[3]);
+        let family: Vec<PathBuf> = args[4..].iter().map(PathBuf::from).collect();
+        child(&args[2], &root, &family);
+        return;
+    }
+    let size = args
+        .iter()
+        .position(|a| a == "--size")
+        .and_then(|i| args.get(i + 1))
+        .map_or("0.5b", String::as_str)
+        .to_string();
+    let root = tempfile::Builder::new()
+        .prefix("evomerge-bench")
+        .tempdir()
+        .expect("temp dir");
+    let spec = spec(&size);
+    let t = Instant::now();
+    let family = write_family(root.path(), &spec, 2, 7).expect("synthetic family");
+    eprintln!(
+        "generated {size} family in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+
+    // Warm the page cache the same way for every contender, then take the best of two baselines.
+    let baseline = (0..2)
+        .map(|_| read_write_baseline(&family, &root.path().join("baseline.bin")))
+        .fold(f64::INFINITY, f64::min);
+    println!(
+        "family: {size}, base + 2 fine-tunes, bf16, {} threads",
+        rayon::current_num_threads()
+    );
+    println!("read+write baseline: {baseline:.2} s");
+    for method in ["linear", "ties"] {
+        let exe = std::env::current_exe().expect("current exe");
+        let out = Command::new(exe)
+            .arg("--child")
+            .arg(method)
+            .arg(root.path())
+            .args(&family)
+            .output()
+            .expect("run child");
+        assert!(
+            out.status.success(),
+            "{method} merge failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut parts = text.split_whitespace();
+        let secs: f64 = parts.next().and_then(|s| s.parse().ok()).expect("seconds");
+        let rss: u64 = parts.next().and_then(|s| s.parse().ok()).expect("rss");
+        println!(
+            "{method:>7}: {secs:.2} s = {:.2}x baseline, peak RSS {:.0} MB",
+            secs / baseline,
+            rss as f64 / 1e6
+        );
+    }
+}
