@@ -528,7 +528,14 @@ impl CausalLm for RoutedModel {
 
 /// `x · wᵀ (+ b)` for `x` of any rank ≥ 2 and `w` `[out, in]`.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let y = x.broadcast_matmul(&w.t()?)?;
+    // One 2-D matmul over all rows (much faster on CPU than a broadcast batched matmul, and its
+    // backward needs no broadcast reduction).
+    let dims = x.dims().to_vec();
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&w.t()?)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+    let y = y.reshape(out_dims)?;
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
