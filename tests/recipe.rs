@@ -488,3 +488,41 @@ fn mem_model_type_is_usable_directly() {
         vec![src("/mem/hand", "model.layers.0.mlp.up_proj.weight")]
     );
 }
+
+#[test]
+fn mergekit_slerp_example_through_the_registry() {
+    // mergekit's README slerp recipe, planned with the registered `slerp`.
+    let mut set = family(8);
+    let r = parse(
+        "slices:\n  - sources:\n      - model: /mem/ft1\n        layer_range: [0, 8]\n      - model: /mem/ft2\n        layer_range: [0, 8]\nmerge_method: slerp\nbase_model: /mem/ft1\nparameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\ndtype: bfloat16\n",
+    );
+    let p = evomerge::merge::plan::plan(&r, &mut set).unwrap();
+    assert_eq!(p.method.name(), "slerp");
+    assert_eq!(p.out_dtype, DType::BF16);
+    let t = |name: &str| find(&p, name).global.get("t").unwrap();
+    assert_eq!(t("model.layers.0.self_attn.q_proj.weight"), 0.0);
+    assert_eq!(t("model.layers.7.self_attn.q_proj.weight"), 1.0);
+    assert_eq!(t("model.layers.7.mlp.up_proj.weight"), 0.0);
+    // Layer 2: s = 4·2/7 = 8/7, between anchors 0.5 and 0.3 at 1/7.
+    assert!(close(
+        t("model.layers.2.self_attn.o_proj.weight"),
+        0.5 * (6.0 / 7.0) + 0.3 / 7.0
+    ));
+    assert_eq!(t("model.layers.4.input_layernorm.weight"), 0.5);
+    assert_eq!(t("model.embed_tokens.weight"), 0.5);
+    let q = find(&p, "model.layers.3.self_attn.q_proj.weight");
+    assert_eq!(
+        q.base,
+        Some(src("/mem/ft1", "model.layers.3.self_attn.q_proj.weight"))
+    );
+    assert_eq!(
+        q.models,
+        vec![src("/mem/ft2", "model.layers.3.self_attn.q_proj.weight")]
+    );
+    // An unknown method names the known ones.
+    let bad = parse("models:\n  - model: /mem/ft1\nmerge_method: tiez\n");
+    let err = evomerge::merge::plan::plan(&bad, &mut set)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`tiez`") && err.contains("ties"), "{err}");
+}

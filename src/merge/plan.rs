@@ -35,7 +35,7 @@
 //! - Models whose tensor names or shapes disagree are an [`Error::Mismatch`] listing the first
 //!   differences; a head absent because a model ties its embeddings reads the embedding instead.
 
-use std::collections::HashMap;
+use std::fmt::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -103,41 +103,66 @@ impl std::fmt::Debug for Plan {
 /// How many differences a mismatch error lists.
 const MAX_LISTED: usize = 8;
 
-/// A model opened for planning: its tensors by name, grouped by position.
+/// A model opened for planning: its tensors (sorted by name), grouped by position.
 struct Indexed {
     path: PathBuf,
     name: String,
     src: Arc<dyn TensorSource>,
-    infos: HashMap<String, TensorInfo>,
-    pre: Vec<String>,
-    layers: Vec<Vec<String>>,
-    post: Vec<String>,
+    infos: Vec<TensorInfo>,
+    pre: Vec<usize>,
+    layers: Vec<Vec<LayerEntry>>,
+    post: Vec<usize>,
     n_layers: usize,
     first_dtype: Option<DType>,
+}
+
+/// A layer tensor: its index in `infos`, and the byte span of the layer index in its name
+/// (`None` when it could not be located; such names take the slow path through
+/// [`arch::set_layer_index`]).
+struct LayerEntry {
+    idx: usize,
+    span: Option<(usize, usize)>,
+}
+
+/// The byte span of the first purely numeric, non-final `.`-segment of `name` when it reads
+/// `index` — where [`arch`] puts the layer index for every naming scheme it knows.
+fn index_span(name: &str, index: usize) -> Option<(usize, usize)> {
+    let mut start = 0;
+    for seg in name.split('.') {
+        let end = start + seg.len();
+        if end < name.len() && !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
+            return (seg.parse::<usize>().ok()? == index).then_some((start, end));
+        }
+        start = end + 1;
+    }
+    None
 }
 
 impl Indexed {
     fn open(m: &ModelRef, set: &mut ModelSet) -> Result<Indexed> {
         let src = set.get_or_open(&m.path)?;
-        let list = src.tensor_infos();
-        let first_dtype = list.first().map(|t| t.dtype);
+        let mut infos = src.tensor_infos();
+        if !infos.is_sorted_by(|a, b| a.name <= b.name) {
+            infos.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        let first_dtype = infos.first().map(|t| t.dtype);
         let mut pre = Vec::new();
         let mut post = Vec::new();
-        let mut layers: Vec<Vec<String>> = Vec::new();
-        for t in &list {
+        let mut layers: Vec<Vec<LayerEntry>> = Vec::new();
+        for (idx, t) in infos.iter().enumerate() {
             match arch::position(&t.name) {
-                Position::Pre => pre.push(t.name.clone()),
-                Position::Post => post.push(t.name.clone()),
+                Position::Pre => pre.push(idx),
+                Position::Post => post.push(idx),
                 Position::Layer(i) => {
                     if layers.len() <= i {
                         layers.resize_with(i + 1, Vec::new);
                     }
-                    layers[i].push(t.name.clone());
+                    let span = index_span(&t.name, i);
+                    layers[i].push(LayerEntry { idx, span });
                 }
             }
         }
         let n_layers = arch::layer_count(src.config()).unwrap_or(layers.len());
-        let infos = list.into_iter().map(|t| (t.name.clone(), t)).collect();
         Ok(Indexed {
             path: m.path.clone(),
             name: m.name.clone(),
@@ -151,8 +176,40 @@ impl Indexed {
         })
     }
 
-    fn layer(&self, i: usize) -> &[String] {
+    fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.infos
+            .binary_search_by(|t| t.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.infos[i])
+    }
+
+    fn tensor_name(&self, idx: usize) -> &str {
+        &self.infos[idx].name
+    }
+
+    fn layer(&self, i: usize) -> &[LayerEntry] {
         self.layers.get(i).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// The name of layer entry `e` moved to layer `index`.
+    fn renamed(&self, e: &LayerEntry, index: usize) -> String {
+        let name = self.tensor_name(e.idx);
+        match e.span {
+            Some((a, b)) => {
+                let mut out = String::with_capacity(name.len() + 4);
+                out.push_str(&name[..a]);
+                let _ = write!(out, "{index}");
+                out.push_str(&name[b..]);
+                out
+            }
+            None => arch::set_layer_index(name, index),
+        }
+    }
+
+    /// The parts of entry `e`'s name around its layer index.
+    fn template(&self, e: &LayerEntry) -> Option<(&str, &str)> {
+        let name = self.tensor_name(e.idx);
+        e.span.map(|(a, b)| (&name[..a], &name[b..]))
     }
 }
 
@@ -291,6 +348,27 @@ pub fn plan_with(
         .iter()
         .map(|o| aux_file.is_some_and(|f| o.path.join(f).is_file()))
         .collect();
+    // Per source: the parameter levels for its per-model parameters (this model's entries in
+    // the slice, the slice, the recipe).
+    let model_levels: Vec<Vec<Vec<&ParamMap>>> = slices
+        .iter()
+        .map(|s| {
+            s.sources
+                .iter()
+                .map(|src| {
+                    let mut levels: Vec<&ParamMap> = s
+                        .sources
+                        .iter()
+                        .filter(|x| x.model == src.model)
+                        .map(|x| x.params)
+                        .collect();
+                    levels.push(s.params);
+                    levels.push(&recipe.parameters);
+                    levels
+                })
+                .collect()
+        })
+        .collect();
 
     let mut planner = Planner {
         recipe,
@@ -303,31 +381,69 @@ pub fn plan_with(
     };
 
     // Pre-layer tensors from the first slice, t = 0.
-    let first = &slices[0];
-    let reference = &opened[first.sources[0].model];
-    for name in &reference.pre {
-        planner.tensor(first, name.clone(), |_| name.clone(), 0.0)?;
+    let (first, last) = (0, slices.len() - 1);
+    let reference = &opened[slices[first].sources[0].model];
+    for &idx in &reference.pre {
+        let name = reference.tensor_name(idx);
+        planner.tensor(
+            &slices[first],
+            &model_levels[first],
+            name.to_string(),
+            |_, _| name.to_string(),
+            0.0,
+        )?;
     }
     // Layers, numbered consecutively across slices.
     let mut out_layer = 0usize;
-    for s in &slices {
+    for (si, s) in slices.iter().enumerate() {
         let reference = &opened[s.sources[0].model];
         for i in 0..s.n {
             let t = layer_t(i, s.n);
             let ref_layer = s.sources[0].start + i;
-            for name in reference.layer(ref_layer) {
-                let out = arch::set_layer_index(name, out_layer);
-                planner.tensor(s, out, |src| arch::set_layer_index(name, src.start + i), t)?;
+            let ref_entries = reference.layer(ref_layer);
+            // Sources whose layer holds the same tensors in the same order map by position
+            // (the common case); others go name by name.
+            let aligned: Vec<Option<&[LayerEntry]>> = s
+                .sources
+                .iter()
+                .map(|src| {
+                    let o = &opened[src.model];
+                    let entries = o.layer(src.start + i);
+                    let same = entries.len() == ref_entries.len()
+                        && entries.iter().zip(ref_entries).all(|(e, r)| {
+                            let te = o.template(e);
+                            te.is_some() && te == reference.template(r)
+                        });
+                    same.then_some(entries)
+                })
+                .collect();
+            for (k, r) in ref_entries.iter().enumerate() {
+                let out = reference.renamed(r, out_layer);
+                planner.tensor(
+                    s,
+                    &model_levels[si],
+                    out,
+                    |j, src| match aligned[j] {
+                        Some(entries) => opened[src.model].tensor_name(entries[k].idx).to_string(),
+                        None => reference.renamed(r, src.start + i),
+                    },
+                    t,
+                )?;
             }
             // Tensors a source has in this layer that the reference lacks.
-            for src in &s.sources[1..] {
+            for (j, src) in s.sources.iter().enumerate().skip(1) {
+                if aligned[j].is_some() {
+                    continue;
+                }
                 let o = &opened[src.model];
-                for name in o.layer(src.start + i) {
-                    let as_ref = arch::set_layer_index(name, ref_layer);
-                    if !reference.infos.contains_key(&as_ref) {
+                for e in o.layer(src.start + i) {
+                    let as_ref = o.renamed(e, ref_layer);
+                    if reference.get(&as_ref).is_none() {
                         planner.diff(format!(
-                            "`{name}` is in `{}` but `{as_ref}` is missing from `{}`",
-                            o.name, reference.name
+                            "`{}` is in `{}` but `{as_ref}` is missing from `{}`",
+                            o.tensor_name(e.idx),
+                            o.name,
+                            reference.name
                         ));
                     }
                 }
@@ -336,18 +452,25 @@ pub fn plan_with(
         }
     }
     // Post-layer tensors from the last slice, t = 0.
-    let last = slices.last().expect("a recipe has at least one slice");
-    let reference = &opened[last.sources[0].model];
-    for name in &reference.post {
-        planner.tensor(last, name.clone(), |_| name.clone(), 0.0)?;
+    let reference = &opened[slices[last].sources[0].model];
+    for &idx in &reference.post {
+        let name = reference.tensor_name(idx);
+        planner.tensor(
+            &slices[last],
+            &model_levels[last],
+            name.to_string(),
+            |_, _| name.to_string(),
+            0.0,
+        )?;
     }
-    for (s, pos) in [(first, "pre"), (last, "post")] {
+    for (si, pre) in [(first, true), (last, false)] {
+        let s = &slices[si];
         let reference = &opened[s.sources[0].model];
         for src in &s.sources[1..] {
             let o = &opened[src.model];
-            let names = if pos == "pre" { &o.pre } else { &o.post };
-            for name in names {
-                if !reference.infos.contains_key(name)
+            for &idx in if pre { &o.pre } else { &o.post } {
+                let name = o.tensor_name(idx);
+                if reference.get(name).is_none()
                     && arch::tied_source(reference.src.as_ref(), name).is_none()
                 {
                     planner.diff(format!(
@@ -374,7 +497,7 @@ pub fn plan_with(
         Some(b) => opened.iter().find(|o| o.path == b.path),
         None => None,
     }
-    .unwrap_or(&opened[slices[0].sources[0].model]);
+    .unwrap_or(&opened[slices[first].sources[0].model]);
     let out_dtype = recipe
         .out_dtype
         .or(recipe.dtype)
@@ -421,23 +544,25 @@ impl Planner<'_> {
 
     /// The input name of `name` in model `o`: itself, or the embedding a tied head stands for.
     fn input_name(&self, o: &Indexed, name: String) -> Option<String> {
-        if o.infos.contains_key(&name) {
+        if o.get(&name).is_some() {
             return Some(name);
         }
         arch::tied_source(o.src.as_ref(), &name)
     }
 
-    /// Plan one output tensor `out` of slice `s`; `input` maps a source to its input name.
+    /// Plan one output tensor `out` of slice `s`; `input` maps a source (its index in the slice
+    /// and itself) to its input name; `levels[j]` are source `j`'s per-model parameter levels.
     fn tensor(
         &mut self,
         s: &NSlice<'_>,
+        levels: &[Vec<&ParamMap>],
         out: String,
-        input: impl Fn(&NSource<'_>) -> String,
+        input: impl Fn(usize, &NSource<'_>) -> String,
         t: f64,
     ) -> Result<()> {
         let reference = &self.opened[s.sources[0].model];
-        let ref_name = input(&s.sources[0]);
-        let Some(ref_info) = reference.infos.get(&ref_name) else {
+        let ref_name = input(0, &s.sources[0]);
+        let Some(ref_info) = reference.get(&ref_name) else {
             self.diff(format!("`{ref_name}` is missing from `{}`", reference.name));
             return Ok(());
         };
@@ -446,16 +571,20 @@ impl Planner<'_> {
         // Input names per source, checking presence and shape.
         let mut names: Vec<String> = Vec::with_capacity(s.sources.len());
         let mut ok = true;
-        for src in &s.sources {
+        for (j, src) in s.sources.iter().enumerate() {
             let o = &self.opened[src.model];
-            let wanted = input(src);
+            let wanted = if j == 0 {
+                ref_name.clone()
+            } else {
+                input(j, src)
+            };
             match self.input_name(o, wanted.clone()) {
                 None => {
                     self.diff(format!("`{wanted}` is missing from `{}`", o.name));
                     ok = false;
                 }
                 Some(n) => {
-                    let info = &o.infos[&n];
+                    let info = o.get(&n).expect("input names are present");
                     if info.shape != shape {
                         self.diff(format!(
                             "`{n}` has shape {:?} in `{}` but `{ref_name}` has {shape:?} in `{}`",
@@ -511,17 +640,9 @@ impl Planner<'_> {
             }
             // Per-model parameters: this model's sources, slice, recipe; matched against the
             // model's own input name.
-            let mut levels: Vec<&ParamMap> = s
-                .sources
-                .iter()
-                .filter(|x| x.model == src.model)
-                .map(|x| x.params)
-                .collect();
-            levels.push(s.params);
-            levels.push(&recipe.parameters);
             let mut p = Params::default();
             for d in decls.iter().filter(|d| d.scope == Scope::PerModel) {
-                let v = resolve(d.name, &levels, &names[j], t)
+                let v = resolve(d.name, &levels[j], &names[j], t)
                     .or(d.default)
                     .ok_or_else(|| missing(d.name, Some(&o.name)))?;
                 p.set(d.name, v);
