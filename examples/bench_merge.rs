@@ -6,6 +6,7 @@
 //! ```text
 //! cargo run --release --example bench_merge                 # 0.5 B params, bf16 (issue 2's set)
 //! cargo run --release --example bench_merge -- --size tiny  # seconds; what CI runs
+//! cargo run --release --example bench_merge -- --dir /tmp/fam  # keep and reuse the family
 //! ```
 
 use std::fs::File;
@@ -155,21 +156,33 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map_or("0.5b", String::as_str)
         .to_string();
-    let root = tempfile::Builder::new()
+    // `--dir DIR` keeps the generated family in DIR and reuses it on the next run.
+    let keep = args
+        .iter()
+        .position(|a| a == "--dir")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let temp = tempfile::Builder::new()
         .prefix("evomerge-bench")
         .tempdir()
         .expect("temp dir");
+    let root = keep.clone().unwrap_or_else(|| temp.path().to_path_buf());
     let spec = spec(&size);
     let t = Instant::now();
-    let family = write_family(root.path(), &spec, 2, 7).expect("synthetic family");
-    eprintln!(
-        "generated {size} family in {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
+    let family = if keep.is_some() && root.join("base").is_dir() {
+        evomerge::synth::member_names(2)
+            .iter()
+            .map(|m| root.join(m))
+            .collect()
+    } else {
+        std::fs::create_dir_all(&root).expect("bench dir");
+        write_family(&root, &spec, 2, 7).expect("synthetic family")
+    };
+    eprintln!("{size} family ready in {:.1} s", t.elapsed().as_secs_f64());
 
     // Warm the page cache the same way for every contender, then take the best of two baselines.
     let baseline = (0..2)
-        .map(|_| read_write_baseline(&family, &root.path().join("baseline.bin")))
+        .map(|_| read_write_baseline(&family, &root.join("baseline.bin")))
         .fold(f64::INFINITY, f64::min);
     println!(
         "family: {size}, base + 2 fine-tunes, bf16, {} threads",
@@ -181,7 +194,7 @@ fn main() {
         let out = Command::new(exe)
             .arg("--child")
             .arg(method)
-            .arg(root.path())
+            .arg(&root)
             .args(&family)
             .output()
             .expect("run child");
