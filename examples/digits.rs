@@ -6,8 +6,10 @@
 //! ```
 //!
 //! It builds every model the comparisons need and writes them (config.json + model.safetensors,
-//! plus fisher.safetensors / regmean.safetensors beside the experts) under `--out`, so the same
-//! merges can be redone from recipes and the CLI. Then it prints a Markdown table of test
+//! plus fisher.safetensors / regmean.safetensors beside the experts) under `--out`, with recipes
+//! (`experts-fisher.yaml`, `experts-regmean.yaml`, `swa-lr0.1.yaml`, `rebasin-aligned.yaml`, ...)
+//! so the same merges can be redone with `evomerge merge` (the Fisher recipe saves the raw Fisher
+//! beside each expert, i.e. the "raw Fisher" row), and `evomerge align` can redo the alignment. Then it prints a Markdown table of test
 //! accuracies:
 //!
 //! 1. **Git Re-Basin**: two MLPs from different initialisations; naive average vs weight matching
@@ -29,7 +31,7 @@ use evomerge::align::{MatchConfig, align};
 use evomerge::candidate::{Candidate, CandidateBody, MemModel, TensorMap};
 use evomerge::eval::classify::{ClassifyEvaluator, Dataset, Splits};
 use evomerge::eval::{Evaluator, Split};
-use evomerge::merge::fisher::{FisherLabels, mlp_fisher};
+use evomerge::merge::fisher::{FisherLabels, mlp_fisher, normalize_fisher};
 use evomerge::merge::regmean::mlp_grams;
 use evomerge::merge::soup::{greedy_soup, merge_mem, swa, uniform_soup};
 use evomerge::merge::{Params, fisher, regmean};
@@ -114,6 +116,28 @@ fn train(cfg: &MlpConfig, init: u64, data: &Dataset, tc: &TrainConfig) -> anyhow
     let mut mlp = Mlp::init(cfg, init, &device)?;
     mlp.train(&data.x_tensor(&device)?, &data.y, tc, |_, _| Ok(()))?;
     Ok(mlp)
+}
+
+/// Write a mergekit-style recipe over model directories under `out` (absolute paths), so the
+/// same merge can be redone with `evomerge merge RECIPE OUT`.
+fn write_recipe(
+    out: &std::path::Path,
+    file: &str,
+    method: &str,
+    models: &[&str],
+) -> anyhow::Result<()> {
+    let root = std::fs::canonicalize(out)?;
+    let mut text = format!("merge_method: {method}\nmodels:\n");
+    for m in models {
+        let dir = root.join(m);
+        text += &format!(
+            "  - model: {}\n    parameters:\n      weight: 1.0\n",
+            dir.display()
+        );
+    }
+    text += "dtype: float32\n";
+    std::fs::write(out.join(file), text)?;
+    Ok(())
 }
 
 fn fine_tune(base: &Mlp, data: &Dataset, tc: &TrainConfig) -> anyhow::Result<Mlp> {
@@ -246,27 +270,41 @@ fn main() -> anyhow::Result<()> {
         &greedy.model,
     )?;
 
-    // 3. SWA: the last 10 epoch-end checkpoints of one constant-lr SGD run.
+    // 3. SWA: the last 10 epoch-end checkpoints of one constant-lr SGD run, at two rates.
     let device = Device::Cpu;
-    let mut run = Mlp::init(&cfg, s + 4, &device)?;
-    let sgd = TrainConfig {
-        epochs: 40,
-        batch_size: 16,
-        lr: 0.1,
-        optim: Optim::Sgd,
-        seed: s + 4,
-    };
-    let mut checkpoints = Vec::new();
     let x_train = splits.train.x_tensor(&device)?;
-    run.train(&x_train, &splits.train.y, &sgd, |epoch, m| {
-        if epoch > sgd.epochs - 10 {
-            checkpoints.push(m.to_mem()?);
+    for lr in [0.1, 0.3] {
+        let mut run = Mlp::init(&cfg, s + 4, &device)?;
+        let sgd = TrainConfig {
+            epochs: 40,
+            batch_size: 16,
+            lr,
+            optim: Optim::Sgd,
+            seed: s + 4,
+        };
+        let mut checkpoints = Vec::new();
+        run.train(&x_train, &splits.train.y, &sgd, |epoch, m| {
+            if epoch > sgd.epochs - 10 {
+                checkpoints.push(m.to_mem()?);
+            }
+            Ok(())
+        })?;
+        let ck: Vec<&MemModel> = checkpoints.iter().collect();
+        let final_iterate = run.to_mem()?;
+        w.save(&format!("swa-lr{lr}-final"), &final_iterate)?;
+        for (k, c) in checkpoints.iter().enumerate() {
+            w.save(&format!("swa-lr{lr}-epoch{}", sgd.epochs - 9 + k), c)?;
         }
-        Ok(())
-    })?;
-    let ck: Vec<&MemModel> = checkpoints.iter().collect();
-    w.report("swa", "final iterate (SGD lr 0.1, 40 ep)", &run.to_mem()?)?;
-    w.report("swa", "SWA of the last 10 epochs", &swa(&ck)?)?;
+        w.report(
+            "swa",
+            &format!("final iterate (SGD lr {lr}, 40 ep)"),
+            &final_iterate,
+        )?;
+        w.report("swa", &format!("SWA of epochs 31–40 (lr {lr})"), &swa(&ck)?)?;
+        let names: Vec<String> = (31..=40).map(|e| format!("swa-lr{lr}-epoch{e}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        write_recipe(&w.out, &format!("swa-lr{lr}.yaml"), "linear", &names)?;
+    }
 
     // 4. Experts from one weak base on disjoint classes.
     let small = splits.train.sample(100, s + 5);
@@ -289,13 +327,38 @@ fn main() -> anyhow::Result<()> {
         save_tensors(&dir.join(fisher::FISHER_FILE), f)?;
         save_tensors(&dir.join(regmean::REGMEAN_FILE), g)?;
     }
+    let pair = ["experts-0-4", "experts-5-9"];
+    write_recipe(&w.out, "experts-average.yaml", "linear", &pair)?;
+    write_recipe(&w.out, "experts-fisher.yaml", "fisher", &pair)?;
+    write_recipe(&w.out, "experts-regmean.yaml", "regmean", &pair)?;
+    write_recipe(
+        &w.out,
+        "rebasin-naive.yaml",
+        "linear",
+        &["rebasin-a", "rebasin-b"],
+    )?;
+    write_recipe(
+        &w.out,
+        "rebasin-aligned.yaml",
+        "linear",
+        &["rebasin-a", "rebasin-b-aligned"],
+    )?;
     w.report("experts", "base (100 examples)", &weak)?;
     w.report("experts", "expert 0–4", &ea)?;
     w.report("experts", "expert 5–9", &eb)?;
     let none = Params::default();
     w.report("experts", "simple average", &uniform_soup(&[&ea, &eb])?)?;
     let fisher_merge = merge_mem(&fisher::Fisher, &[&ea, &eb], &[&fa, &fb], &none, &[], 0)?;
-    w.report("experts", "Fisher merging", &fisher_merge)?;
+    w.report("experts", "Fisher merging (raw Fisher)", &fisher_merge)?;
+    let (mut fa_n, mut fb_n) = (fa.clone(), fb.clone());
+    normalize_fisher(&mut fa_n);
+    normalize_fisher(&mut fb_n);
+    let fisher_norm = merge_mem(&fisher::Fisher, &[&ea, &eb], &[&fa_n, &fb_n], &none, &[], 0)?;
+    w.report(
+        "experts",
+        "Fisher merging (each Fisher mean 1)",
+        &fisher_norm,
+    )?;
     let regmean_merge = merge_mem(&regmean::RegMean, &[&ea, &eb], &[&ga, &gb], &none, &[], 0)?;
     w.report("experts", "RegMean (α 0.95)", &regmean_merge)?;
     let n_layers = cfg.n_layers();
