@@ -130,10 +130,11 @@ fn write_recipe(
     let mut text = format!("merge_method: {method}\nmodels:\n");
     for m in models {
         let dir = root.join(m);
-        text += &format!(
-            "  - model: {}\n    parameters:\n      weight: 1.0\n",
-            dir.display()
-        );
+        text += &format!("  - model: {}\n", dir.display());
+        // RegMean declares no per-model parameters.
+        if method != "regmean" {
+            text += "    parameters:\n      weight: 1.0\n";
+        }
     }
     text += "dtype: float32\n";
     std::fs::write(out.join(file), text)?;

@@ -6,13 +6,10 @@ use std::path::PathBuf;
 /// Everything the library can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O failure on a named path.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An I/O failure on a named path. (The OS error is part of the message, not a separate
+    /// source, so a printed chain shows it once.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// A safetensors file whose header or layout is invalid.
     #[error("{}: invalid safetensors file: {msg}", path.display())]
@@ -76,7 +73,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err: source,
         }
     }
 

@@ -526,3 +526,70 @@ fn mergekit_slerp_example_through_the_registry() {
         .to_string();
     assert!(err.contains("`tiez`") && err.contains("ties"), "{err}");
 }
+
+/// Compare our plan of `tests/golden/plan/<case>/recipe.yml` with mergekit 0.1.5's (`plan.json`,
+/// made by `tests/golden/plan/make_plan_golden.py`): the same output tensors, the same input
+/// models and input tensor names, the same base, and the same resolved parameters.
+fn check_against_mergekit(case: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/plan")
+        .join(case);
+    let recipe = Recipe::from_path(dir.join("recipe.yml")).unwrap();
+    let mut set = ModelSet::new();
+    let p = evomerge::merge::plan::plan(&recipe, &mut set).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(
+        p.config["num_hidden_layers"], golden["num_hidden_layers"],
+        "{case}: layer count"
+    );
+    let want = golden["tensors"].as_array().unwrap();
+    assert_eq!(p.tensors.len(), want.len(), "{case}: tensor count");
+    let short = |s: &SourceRef| {
+        serde_json::json!([
+            s.model.file_name().unwrap().to_str().unwrap(),
+            s.tensor.as_str()
+        ])
+    };
+    let same_params = |ours: &evomerge::merge::Params, theirs: &serde_json::Value, what: &str| {
+        for (k, v) in theirs.as_object().unwrap() {
+            // mergekit's passthrough `scale` defaults to None (= no scaling), ours to 1.0.
+            let Some(v) = v.as_f64() else { continue };
+            let got = ours.get(k).unwrap();
+            assert!(
+                (got - v).abs() < 1e-12,
+                "{case}: {what}: `{k}` = {got}, mergekit {v}"
+            );
+        }
+    };
+    for w in want {
+        let name = w["name"].as_str().unwrap();
+        let t = find(&p, name);
+        let base = t
+            .base
+            .as_ref()
+            .map(short)
+            .unwrap_or(serde_json::Value::Null);
+        assert_eq!(base, w["base"], "{case}: base of {name}");
+        let models: Vec<_> = t.models.iter().map(short).collect();
+        assert_eq!(
+            serde_json::Value::from(models),
+            w["models"],
+            "{case}: models of {name}"
+        );
+        same_params(&t.global, &w["global"], name);
+        for (k, mp) in w["model_params"].as_array().unwrap().iter().enumerate() {
+            same_params(&t.model_params[k], mp, &format!("{name} model {k}"));
+        }
+    }
+}
+
+#[test]
+fn ties_slices_resolve_as_mergekit() {
+    check_against_mergekit("ties_slices");
+}
+
+#[test]
+fn passthrough_stack_plans_as_mergekit() {
+    check_against_mergekit("passthrough_stack");
+}

@@ -146,17 +146,7 @@ pub fn sparsify(
     };
     let scale = match (&kept, args.rescale) {
         (Kept::Mask(words), true) => {
-            let [before, after] = chunked_sum(n, |r| {
-                let (mut before, mut after) = (0.0f64, 0.0f64);
-                for i in r {
-                    let a = f64::from((model[i] - base[i]).abs());
-                    before += a;
-                    if (words[i / 64] >> (i % 64)) & 1 == 1 {
-                        after += a;
-                    }
-                }
-                [before, after]
-            });
+            let [before, after] = l1_norms(model, base, words);
             if before < 1e-7 || after < 1e-7 {
                 1.0
             } else {
@@ -187,21 +177,23 @@ fn rank_window(m: &[f32], b: &[f32], lo: usize, hi: usize) -> Vec<u64> {
     let positions: Vec<usize> = [lo, hi].into_iter().filter(|&p| p > 0 && p < n).collect();
 
     let mut cuts: Vec<(usize, Cut)> = Vec::new();
+    let t0 = std::time::Instant::now();
     if !positions.is_empty() {
-        // 1. histogram of the magnitudes' top bits (sign cleared, so the order is numeric)
-        let hist = (0..chunks)
+        // 1. histogram of the magnitudes' top bits (sign cleared, so the order is numeric);
+        //    a few contiguous parts per thread, each with its own histogram
+        let parts = (rayon::current_num_threads() * 2).min(chunks).max(1);
+        let per = n.div_ceil(parts);
+        let hist = (0..parts)
             .into_par_iter()
-            .fold(
-                || vec![0usize; BUCKETS],
-                |mut h, c| {
-                    for i in range(c) {
-                        h[(mag(m, b, i) >> BUCKET_SHIFT) as usize] += 1;
-                    }
-                    h
-                },
-            )
+            .map(|t| {
+                let mut h = vec![0u32; BUCKETS];
+                for i in t * per..((t + 1) * per).min(n) {
+                    h[(mag(m, b, i) >> BUCKET_SHIFT) as usize] += 1;
+                }
+                h
+            })
             .reduce(
-                || vec![0usize; BUCKETS],
+                || vec![0u32; BUCKETS],
                 |mut a, h| {
                     for (a, h) in a.iter_mut().zip(h) {
                         *a += h;
@@ -209,10 +201,12 @@ fn rank_window(m: &[f32], b: &[f32], lo: usize, hi: usize) -> Vec<u64> {
                     a
                 },
             );
+        eprintln!("hist {:?}", t0.elapsed());
         // the bucket holding each position, and how many entries lie in lower buckets
         let locate = |p: usize| {
             let mut below = 0;
             for (k, &count) in hist.iter().enumerate() {
+                let count = count as usize;
                 if below + count > p {
                     return (k as u32, below);
                 }
@@ -251,6 +245,7 @@ fn rank_window(m: &[f32], b: &[f32], lo: usize, hi: usize) -> Vec<u64> {
             ));
         }
     }
+    eprintln!("cuts {:?}", t0.elapsed());
     let cut_at = |p: usize| cuts.iter().find(|(q, _)| *q == p).map(|(_, c)| *c);
     // `None`: rank < p for no entry (p = 0) or for all (p = n)
     let lo_cut = cut_at(lo);
@@ -281,8 +276,30 @@ fn rank_window(m: &[f32], b: &[f32], lo: usize, hi: usize) -> Vec<u64> {
     let lo_off = tie_offsets(lo_cut);
     let hi_off = tie_offsets(hi_cut);
 
+    eprintln!("ties {:?}", t0.elapsed());
     // 5. the mask
     let mut words = vec![0u64; n.div_ceil(64)];
+    let ties = lo_cut.is_some_and(|c| c.ties > 0) || hi_cut.is_some_and(|c| c.ties > 0);
+    if !ties {
+        // rank in [lo, hi) ⟺ lo_value ≤ |δ| < hi_value: branch-free, 8 entries per byte
+        let lo_v = lo_cut.map_or(0, |c| c.value);
+        let (hi_v, hi_inclusive) = match hi_cut {
+            Some(c) => (c.value, false),
+            None => (u32::MAX, hi_all),
+        };
+        words
+            .par_chunks_mut(CHUNK / 64)
+            .enumerate()
+            .for_each(|(c, w)| {
+                let r = range(c);
+                let (mc, bc) = (&m[r.clone()], &b[r]);
+                for_each_bit_group(mc, bc, w, |v| {
+                    v >= lo_v && (v < hi_v || (hi_inclusive && v == hi_v))
+                });
+            });
+        eprintln!("mask {:?}", t0.elapsed());
+        return words;
+    }
     words
         .par_chunks_mut(CHUNK / 64)
         .enumerate()
@@ -312,6 +329,51 @@ fn rank_window(m: &[f32], b: &[f32], lo: usize, hi: usize) -> Vec<u64> {
             }
         });
     words
+}
+
+/// Fill bitset words `w` from `keep(|m − b| bits)`, eight entries per byte so the compiler can
+/// vectorise the comparisons.
+#[inline]
+fn for_each_bit_group(m: &[f32], b: &[f32], w: &mut [u64], keep: impl Fn(u32) -> bool) {
+    let full = m.len() / 8 * 8;
+    for (g, (m8, b8)) in m[..full]
+        .chunks_exact(8)
+        .zip(b[..full].chunks_exact(8))
+        .enumerate()
+    {
+        let mut byte = 0u64;
+        for k in 0..8 {
+            let v = (m8[k] - b8[k]).to_bits() & 0x7fff_ffff;
+            byte |= u64::from(keep(v)) << k;
+        }
+        w[g / 8] |= byte << ((g % 8) * 8);
+    }
+    for i in full..m.len() {
+        let v = (m[i] - b[i]).to_bits() & 0x7fff_ffff;
+        w[i / 64] |= u64::from(keep(v)) << (i % 64);
+    }
+}
+
+/// `[Σ|δ|, Σ|δ_kept|]` over the whole tensor (deterministic chunked sum; `f32` within groups
+/// of 64 entries, `f64` across them).
+fn l1_norms(m: &[f32], b: &[f32], words: &[u64]) -> [f64; 2] {
+    chunked_sum(m.len(), |r| {
+        let (mut before, mut after) = (0.0f64, 0.0f64);
+        let start = r.start;
+        let (mc, bc) = (&m[r.clone()], &b[r]);
+        for (g, (m64, b64)) in mc.chunks(64).zip(bc.chunks(64)).enumerate() {
+            let word = words[start / 64 + g];
+            let (mut all, mut kept) = (0.0f32, 0.0f32);
+            for (k, (&x, &y)) in m64.iter().zip(b64).enumerate() {
+                let a = (x - y).abs();
+                all += a;
+                kept += if (word >> k) & 1 == 1 { a } else { 0.0 };
+            }
+            before += f64::from(all);
+            after += f64::from(kept);
+        }
+        [before, after]
+    })
 }
 
 /// DARE's mask: each entry survives with probability `p`.
