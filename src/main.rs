@@ -49,6 +49,114 @@ enum Command {
         /// A Hugging Face model directory.
         model_dir: PathBuf,
     },
+    /// Score model directories and merge recipes (built in memory) on held-out tasks; prints a
+    /// Markdown table per task and split.
+    Eval {
+        /// A TOML file with `[[tasks]]` entries (name, path, metric, weight, max_new_tokens,
+        /// stop, limit); paths relative to the file.
+        #[arg(long)]
+        tasks: PathBuf,
+        /// Model directories and/or recipe files (.yml / .yaml).
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        /// Seed for random merge methods in recipes.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Only this split (dev or test); default both.
+        #[arg(long)]
+        split: Option<String>,
+    },
+}
+
+/// The `--tasks` file of `evomerge eval`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFile {
+    tasks: Vec<evomerge::eval::tasks::TaskSpec>,
+}
+
+fn is_recipe(path: &std::path::Path) -> bool {
+    path.extension().is_some_and(|e| e == "yml" || e == "yaml")
+}
+
+/// `evomerge eval`: build each candidate (recipes merged in memory), score both splits, print.
+fn eval_command(
+    tasks: &std::path::Path,
+    models: &[PathBuf],
+    seed: u64,
+    split: Option<&str>,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use evomerge::candidate::{Candidate, CandidateBody};
+    use evomerge::eval::Split;
+    use evomerge::eval::lm::{LmConfig, LmEvaluator};
+    use evomerge::eval::table::{EvalTable, PRIMARY};
+    use evomerge::eval::tasks::Task;
+    use evomerge::merge::executor::merge_in_memory;
+
+    let text =
+        std::fs::read_to_string(tasks).with_context(|| format!("reading {}", tasks.display()))?;
+    let file: TaskFile =
+        toml::from_str(&text).with_context(|| format!("parsing {}", tasks.display()))?;
+    let base = tasks.parent().unwrap_or(std::path::Path::new("."));
+    let loaded = file
+        .tasks
+        .iter()
+        .map(|t| Task::load(&t.relative_to(base)))
+        .collect::<evomerge::Result<Vec<_>>>()?;
+
+    let mut set = ModelSet::new();
+    let mut candidates = Vec::new();
+    let mut tokenizer_dir = None;
+    for path in models {
+        let label = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        if is_recipe(path) {
+            let recipe = Recipe::from_path(path)?;
+            let merged = merge_in_memory(&recipe, &mut set, seed)
+                .with_context(|| format!("merging {}", path.display()))?;
+            if tokenizer_dir.is_none() {
+                tokenizer_dir = recipe
+                    .base_model
+                    .as_ref()
+                    .or_else(|| recipe.referenced_models().first().copied())
+                    .map(|m| m.path.clone());
+            }
+            candidates.push((
+                label,
+                Candidate {
+                    body: CandidateBody::Merged(Arc::new(merged)),
+                    recipe: Some(recipe.to_yaml()),
+                },
+            ));
+        } else {
+            tokenizer_dir.get_or_insert_with(|| path.clone());
+            candidates.push((
+                label,
+                Candidate {
+                    body: CandidateBody::Dir(path.clone()),
+                    recipe: None,
+                },
+            ));
+        }
+    }
+    let tokenizer_dir = tokenizer_dir.context("no model directory to take the tokenizer from")?;
+    let tokenizer = evomerge::tokenizer::load_tokenizer(&tokenizer_dir)?;
+    let evaluator = LmEvaluator::try_new(loaded, Arc::from(tokenizer), LmConfig::default())?;
+    let splits = match split {
+        None => vec![Split::Dev, Split::Test],
+        Some("dev") => vec![Split::Dev],
+        Some("test") => vec![Split::Test],
+        Some(other) => anyhow::bail!("unknown split `{other}` (dev or test)"),
+    };
+    let mut metrics = evaluator.metric_keys();
+    metrics.push(PRIMARY.to_string());
+    let table = EvalTable::score(&evaluator, &candidates, &metrics, &splits);
+    print!("{}", table.to_markdown());
+    Ok(())
 }
 
 /// `5000`, `5K`, `500M`, `5G` (decimal units, as mergekit's 5_000_000_000 default).
@@ -104,6 +212,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("merging {}", recipe.display()))?;
             eprintln!("wrote {}", out.display());
         }
+        Command::Eval {
+            tasks,
+            models,
+            seed,
+            split,
+        } => eval_command(&tasks, &models, seed, split.as_deref())?,
         Command::Inspect { model_dir } => {
             let summary = evomerge::store::inspect(&model_dir)?;
             print!("{summary}");
