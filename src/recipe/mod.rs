@@ -245,7 +245,7 @@ struct RawRecipe {
     #[serde(default)]
     base_model: Option<ModelName>,
     #[serde(default)]
-    parameters: Option<ParamMap>,
+    parameters: Option<RawParams>,
     #[serde(default)]
     dtype: Option<RawDType>,
     #[serde(default)]
@@ -267,7 +267,7 @@ struct RawRecipe {
 struct RawModel {
     model: ModelName,
     #[serde(default)]
-    parameters: Option<ParamMap>,
+    parameters: Option<RawParams>,
 }
 
 #[derive(Deserialize)]
@@ -276,7 +276,7 @@ struct RawSource {
     model: ModelName,
     layer_range: (usize, usize),
     #[serde(default)]
-    parameters: Option<ParamMap>,
+    parameters: Option<RawParams>,
 }
 
 #[derive(Deserialize)]
@@ -286,10 +286,58 @@ struct RawSlice {
     #[serde(default)]
     base_model: Option<ModelName>,
     #[serde(default)]
-    parameters: Option<ParamMap>,
+    parameters: Option<RawParams>,
     #[serde(default)]
     #[allow(dead_code)]
     residual_weight: Option<Unsupported>,
+}
+
+/// A `parameters:` map; a name given twice is an error (YAML would keep the last silently).
+#[derive(Default)]
+struct RawParams(ParamMap);
+
+impl<'de> Deserialize<'de> for RawParams {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// Reads one key, failing on a duplicate while the key is read (so the error gets its line).
+        struct Key<'a>(&'a ParamMap);
+        impl<'de> de::DeserializeSeed<'de> for Key<'_> {
+            type Value = String;
+            fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+                d.deserialize_str(self)
+            }
+        }
+        impl Visitor<'_> for Key<'_> {
+            type Value = String;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a parameter name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+                if self.0.contains_key(v) {
+                    return Err(E::custom(format!("parameter `{v}` is given twice")));
+                }
+                Ok(v.to_string())
+            }
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawParams;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of parameter names to values")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<RawParams, E> {
+                Ok(RawParams::default())
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RawParams, A::Error> {
+                let mut out = ParamMap::new();
+                while let Some(k) = map.next_key_seed(Key(&out))? {
+                    let v = map.next_value::<ParamSetting>()?;
+                    out.insert(k, v);
+                }
+                Ok(RawParams(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A model reference: a path string. Maps (`{model: ..., lora: ...}`) are refused.
@@ -419,7 +467,7 @@ impl RawRecipe {
                 ms.into_iter()
                     .map(|m| InputModel {
                         model: mref(m.model),
-                        parameters: m.parameters.unwrap_or_default(),
+                        parameters: m.parameters.unwrap_or_default().0,
                     })
                     .collect(),
             ),
@@ -441,13 +489,13 @@ impl RawRecipe {
                         sources.push(SliceSource {
                             model: mref(src.model),
                             layer_range: (a, b),
-                            parameters: src.parameters.unwrap_or_default(),
+                            parameters: src.parameters.unwrap_or_default().0,
                         });
                     }
                     out.push(OutputSlice {
                         sources,
                         base_model: s.base_model.map(mref),
-                        parameters: s.parameters.unwrap_or_default(),
+                        parameters: s.parameters.unwrap_or_default().0,
                     });
                 }
                 Inputs::Slices(out)
@@ -465,7 +513,7 @@ impl RawRecipe {
             merge_method: self.merge_method,
             base_model: self.base_model.map(mref),
             inputs,
-            parameters: self.parameters.unwrap_or_default(),
+            parameters: self.parameters.unwrap_or_default().0,
             dtype: self.dtype.map(|d| d.0),
             out_dtype: self.out_dtype.map(|d| d.0),
             tokenizer_source: self.tokenizer_source.map(|t| match t {
@@ -533,6 +581,25 @@ mod tests {
             msg.contains("tokenizer") && msg.contains("not supported"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn duplicate_parameters_are_refused() {
+        let (line, msg) = parse_err(
+            "models:\n  - model: a\n    parameters:\n      weight: 1\n      weight: 2\nmerge_method: linear\n",
+        );
+        assert_eq!(line, Some(5), "{msg}");
+        assert!(msg.contains("`weight` is given twice"), "{msg}");
+        // `parameters:` left empty is no parameters.
+        let r = Recipe::from_str(
+            "models:\n  - model: a\n    parameters:\nmerge_method: linear\n",
+            None,
+        )
+        .unwrap();
+        let Inputs::Models(ms) = &r.inputs else {
+            panic!()
+        };
+        assert!(ms[0].parameters.is_empty());
     }
 
     #[test]
