@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::tensor::DType;
 
 pub mod params;
-mod validate;
+pub mod validate;
 mod write;
 
 pub use params::{Conditional, ParamMap, ParamSetting, Value};
@@ -168,8 +168,10 @@ impl Recipe {
         raw.into_recipe(path, base_dir.as_deref())
     }
 
-    /// The recipe as mergekit-readable YAML (see [`write`]). `from_str(to_yaml(r))` gives `r`
-    /// back (with the same `path`).
+    /// The recipe as YAML that mergekit (PyYAML) and evomerge read alike: model paths as written,
+    /// numbers in shortest round-tripping form with a decimal point and signed exponent
+    /// (`1.0e-7`, which YAML 1.1 reads as a float), gradients as flow lists, strings quoted only
+    /// when needed. `from_str(&r.to_yaml(), r.path)` gives `r` back.
     pub fn to_yaml(&self) -> String {
         write::to_yaml(self)
     }

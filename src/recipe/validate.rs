@@ -40,8 +40,8 @@ impl Recipe {
         crate::merge::method(&self.merge_method).map_err(|e| self.error(e.to_string()))
     }
 
-    /// Check the recipe against `method`'s declarations (see the module docs of
-    /// `recipe::validate` for the list). Errors name the parameter / model and where it is set.
+    /// Check the recipe against `method`'s declarations (the list is in
+    /// [`crate::recipe::validate`]). Errors name the parameter / model and where it is set.
     pub fn validate(&self, method: &dyn MergeMethod) -> Result<()> {
         let mname = method.name();
         let decls = method.params();
