@@ -175,7 +175,7 @@ fn cholesky_solve(a: &[f64], d: usize, b: &[f64], k: usize) -> Option<Vec<f64>> 
             let s: f64 = (0..j).map(|p| l[i * d + p] * l[j * d + p]).sum();
             if i == j {
                 let v = a[i * d + i] - s;
-                if !(v > 0.0) || !v.is_finite() {
+                if v <= 0.0 || !v.is_finite() {
                     return None;
                 }
                 l[i * d + i] = v.sqrt();

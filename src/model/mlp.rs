@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -160,6 +160,22 @@ impl Default for TrainConfig {
             optim: Optim::AdamW { weight_decay: 0.0 },
             seed: 0,
         }
+    }
+}
+
+/// The optimiser state of one training run.
+enum Stepper {
+    Sgd(candle_nn::SGD),
+    AdamW(candle_nn::AdamW),
+}
+
+impl Stepper {
+    fn step(&mut self, loss: &Tensor) -> Result<()> {
+        match self {
+            Stepper::Sgd(o) => o.backward_step(loss)?,
+            Stepper::AdamW(o) => o.backward_step(loss)?,
+        }
+        Ok(())
     }
 }
 
@@ -347,19 +363,15 @@ impl Mlp {
         }
         let batch_size = config.batch_size.max(1);
         let labels = Tensor::from_slice(y, n, x.device())?;
-        let mut optimizer: Box<dyn FnMut(&Tensor) -> Result<()>> = match config.optim {
-            Optim::Sgd => {
-                let mut sgd = candle_nn::SGD::new(self.vars(), config.lr)?;
-                Box::new(move |loss| Ok(sgd.backward_step(loss)?))
-            }
+        let mut optimizer = match config.optim {
+            Optim::Sgd => Stepper::Sgd(candle_nn::SGD::new(self.vars(), config.lr)?),
             Optim::AdamW { weight_decay } => {
                 let params = candle_nn::ParamsAdamW {
                     lr: config.lr,
                     weight_decay,
                     ..Default::default()
                 };
-                let mut adam = candle_nn::AdamW::new(self.vars(), params)?;
-                Box::new(move |loss| Ok(adam.backward_step(loss)?))
+                Stepper::AdamW(candle_nn::AdamW::new(self.vars(), params)?)
             }
         };
         let mut rng = StdRng::seed_from_u64(config.seed);
@@ -373,7 +385,7 @@ impl Mlp {
                 let xb = x.index_select(&idx, 0)?;
                 let yb = labels.index_select(&idx, 0)?;
                 let loss = candle_nn::loss::cross_entropy(&self.forward(&xb)?, &yb)?;
-                optimizer(&loss)?;
+                optimizer.step(&loss)?;
                 total += f64::from(loss.to_scalar::<f32>()?) * chunk.len() as f64;
             }
             last = total / n as f64;
@@ -498,17 +510,6 @@ pub fn load_tensors(path: &Path) -> Result<TensorMap> {
         out.insert(name, TensorBuf::new(shape, data));
     }
     Ok(out)
-}
-
-/// Inputs `[n, d]` as a candle tensor.
-pub fn inputs_tensor(x: &[f32], d: usize, device: &Device) -> Result<Tensor> {
-    if d == 0 || x.len() % d != 0 {
-        return Err(Error::msg(format!(
-            "{} input values do not split into rows of {d}",
-            x.len()
-        )));
-    }
-    Ok(Tensor::from_slice(x, (x.len() / d, d), device)?.to_dtype(DType::F32)?)
 }
 
 #[cfg(test)]
