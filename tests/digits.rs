@@ -304,3 +304,65 @@ fn data_aware_methods_are_registered_with_their_aux_files() {
         .unwrap();
     assert_eq!(alpha.default, Some(0.95));
 }
+
+#[test]
+fn fisher_regmean_and_swa_recipes_match_the_in_memory_merges() {
+    use evomerge::merge::executor::merge_in_memory;
+    use evomerge::model::mlp::{save_mem, save_tensors};
+    use evomerge::recipe::Recipe;
+    use evomerge::store::ModelSet;
+
+    let s = seed() * 1000;
+    let cfg = MlpConfig::relu(vec![64, 16, 10]);
+    let low = splits().train.with_classes(&[0, 1, 2, 3, 4]);
+    let high = splits().train.with_classes(&[5, 6, 7, 8, 9]);
+    let a = train(&cfg, s + 1, &low, &adam(2, 3e-3, s + 1));
+    let b = train(&cfg, s + 2, &high, &adam(2, 3e-3, s + 2));
+    let (ma, mb) = (a.to_mem().unwrap(), b.to_mem().unwrap());
+    let (fa, fb) = (
+        mlp_fisher(&a, &low, FisherLabels::Sampled(1), 50).unwrap(),
+        mlp_fisher(&b, &high, FisherLabels::Sampled(2), 50).unwrap(),
+    );
+    let (ga, gb) = (mlp_grams(&a, &low).unwrap(), mlp_grams(&b, &high).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    for (name, m, f, g) in [("a", &ma, &fa, &ga), ("b", &mb, &fb, &gb)] {
+        let d = dir.path().join(name);
+        save_mem(m, &d).unwrap();
+        save_tensors(&d.join(fisher::FISHER_FILE), f).unwrap();
+        save_tensors(&d.join(regmean::REGMEAN_FILE), g).unwrap();
+    }
+    let run = |yaml: &str| {
+        let path = dir.path().join("recipe.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let recipe = Recipe::from_path(&path).unwrap();
+        merge_in_memory(&recipe, &mut ModelSet::new(), 0).unwrap()
+    };
+    let close = |x: &MemModel, y: &MemModel, what: &str| {
+        for (name, t) in &y.tensors {
+            let d = t.data.iter().zip(&x.tensors[name].data);
+            let worst = d.map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{what}: `{name}` differs by {worst}");
+        }
+    };
+    let none = Params::default();
+    let fisher_recipe = run(
+        "merge_method: fisher\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n  - model: b\n    parameters: {weight: 1.0}\ndtype: float32\n",
+    );
+    let fisher_mem = merge_mem(&fisher::Fisher, &[&ma, &mb], &[&fa, &fb], &none, &[], 0).unwrap();
+    close(&fisher_recipe, &fisher_mem, "fisher");
+    let regmean_recipe =
+        run("merge_method: regmean\nmodels:\n  - model: a\n  - model: b\ndtype: float32\n");
+    let regmean_mem =
+        merge_mem(&regmean::RegMean, &[&ma, &mb], &[&ga, &gb], &none, &[], 0).unwrap();
+    close(&regmean_recipe, &regmean_mem, "regmean");
+    // SWA / uniform soup = `linear` with equal weights.
+    let linear = run(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n  - model: b\n    parameters: {weight: 1.0}\ndtype: float32\n",
+    );
+    close(&linear, &swa(&[&ma, &mb]).unwrap(), "linear = swa");
+    // RegMean differs from the plain average on the weights it has Gram matrices for.
+    assert_ne!(
+        regmean_mem.tensors["layers.0.weight"],
+        linear.tensors["layers.0.weight"]
+    );
+}
