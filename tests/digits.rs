@@ -366,3 +366,46 @@ fn fisher_regmean_and_swa_recipes_match_the_in_memory_merges() {
         linear.tensors["layers.0.weight"]
     );
 }
+
+#[test]
+fn transformer_alignment_keeps_the_logits() {
+    use evomerge::model::transformer::Transformer;
+    use evomerge::synth::{LlamaSpec, mem_family};
+
+    // Two unrelated tiny Llamas (4 heads in 2 kv groups, 32 FFN units, 2 layers).
+    let spec = LlamaSpec::tiny();
+    let reference = mem_family(&spec, 0, 1).remove(0);
+    let other = mem_family(&spec, 0, 2).remove(0);
+    let (aligned, matching) = align(&reference, &other, &MatchConfig::default()).unwrap();
+    assert_eq!(
+        matching.perms.len(),
+        2 * spec.layers,
+        "FFN + attention per layer"
+    );
+    assert!(matching.after > matching.before);
+    assert!(
+        matching
+            .perms
+            .iter()
+            .any(|p| p.iter().enumerate().any(|(i, &j)| i != j))
+    );
+    let device = Device::Cpu;
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 2, 30, 7]], &device).unwrap();
+    let logits = |m: &MemModel| {
+        Transformer::from_mem(m, &device)
+            .unwrap()
+            .logits(&ids)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (want, got) = (logits(&other), logits(&aligned));
+    let worst = want
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "logits differ by {worst}");
+}

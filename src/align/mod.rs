@@ -394,19 +394,52 @@ pub fn align(
     ))
 }
 
-/// `evomerge align REF OTHER OUT`: read two model directories (config.json + model.safetensors),
-/// write `other` aligned to `reference` into `out` (config.json + model.safetensors), and return
-/// the matching.
+/// Read every tensor of a model directory (any layout the store opens) as `f32`.
+pub fn load_dir(dir: &Path) -> Result<MemModel> {
+    let model = crate::store::Model::open(dir)?;
+    let mut tensors = TensorMap::new();
+    for info in model.tensors() {
+        tensors.insert(info.name.clone(), model.read(&info.name)?);
+    }
+    Ok(MemModel {
+        config: model.config().clone(),
+        tensors,
+    })
+}
+
+/// `evomerge align REF OTHER OUT`: open two Hugging Face model directories (single or sharded
+/// safetensors, any dtype), and write `other` aligned to `reference` into `out` with `other`'s
+/// config.json, dtypes and tokenizer files. Returns the matching.
 pub fn align_dirs(
     reference: &Path,
     other: &Path,
     out: &Path,
     config: &MatchConfig,
 ) -> Result<Matching> {
-    let r = crate::model::mlp::load_mem(reference)?;
-    let o = crate::model::mlp::load_mem(other)?;
+    let r = load_dir(reference)?;
+    let source = crate::store::Model::open(other)?;
+    let o = load_dir(other)?;
     let (aligned, matching) = align(&r, &o, config)?;
-    crate::model::mlp::save_mem(&aligned, out)?;
+    let writer = crate::store::ModelWriter::create(
+        out,
+        source.tensors(),
+        &crate::store::WriteConfig::default(),
+    )?;
+    for (name, t) in &aligned.tensors {
+        writer.write(name, &t.data)?;
+    }
+    let card = format!(
+        "# Aligned model\n\n`{}` with its hidden units permuted to match `{}` by Git Re-Basin \
+         weight matching (Ainsworth et al. 2023): {} permutation groups, {} sweeps, \
+         Σ⟨W_ref, W⟩ {:.4} → {:.4}. It computes the same function as the original.\n",
+        other.display(),
+        reference.display(),
+        matching.perms.len(),
+        matching.sweeps,
+        matching.before,
+        matching.after
+    );
+    writer.finish(&aligned.config, Some(other), &card)?;
     Ok(matching)
 }
 
