@@ -409,3 +409,33 @@ fn transformer_alignment_keeps_the_logits() {
         .fold(0f32, f32::max);
     assert!(worst < 1e-5, "logits differ by {worst}");
 }
+
+#[test]
+fn uniform_soup_of_directories_is_swa_on_disk() {
+    use evomerge::merge::soup::uniform_soup_dirs;
+    use evomerge::model::mlp::{load_mem, save_mem};
+
+    let cfg = MlpConfig::relu(vec![4, 3, 2]);
+    let models: Vec<MemModel> = (0..3)
+        .map(|k| Mlp::init(&cfg, k, &Device::Cpu).unwrap().to_mem().unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let dirs: Vec<std::path::PathBuf> = (0..3).map(|k| dir.path().join(format!("ck{k}"))).collect();
+    for (m, d) in models.iter().zip(&dirs) {
+        save_mem(m, d).unwrap();
+    }
+    let out = dir.path().join("soup");
+    let refs: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
+    uniform_soup_dirs(&refs, &out).unwrap();
+    let written = load_mem(&out).unwrap();
+    let w = &written.tensors["layers.0.bias"].data;
+    for i in 0..3 {
+        let want: f32 = models
+            .iter()
+            .map(|m| m.tensors["layers.0.bias"].data[i])
+            .sum::<f32>()
+            / 3.0;
+        assert!((w[i] - want).abs() < 1e-6);
+    }
+    assert_eq!(written.config, models[0].config);
+}

@@ -126,6 +126,42 @@ pub fn greedy_soup(models: &[&MemModel], evaluator: &dyn Evaluator) -> Result<Gr
     })
 }
 
+/// `evomerge soup --uniform OUT DIR...` (and SWA over saved checkpoints): the uniform soup of
+/// model directories, written to `out` with the first model's dtypes, config.json and tokenizer
+/// files.
+pub fn uniform_soup_dirs(dirs: &[&std::path::Path], out: &std::path::Path) -> Result<()> {
+    let first = dirs
+        .first()
+        .ok_or_else(|| Error::msg("a soup needs at least one model directory"))?;
+    let models: Vec<MemModel> = dirs
+        .iter()
+        .map(|d| crate::align::load_dir(d))
+        .collect::<Result<_>>()?;
+    let refs: Vec<&MemModel> = models.iter().collect();
+    let soup = uniform_soup(&refs)?;
+    let source = crate::store::Model::open(first)?;
+    let writer = crate::store::ModelWriter::create(
+        out,
+        source.tensors(),
+        &crate::store::WriteConfig::default(),
+    )?;
+    for (name, t) in &soup.tensors {
+        writer.write(name, &t.data)?;
+    }
+    let listed: Vec<String> = dirs
+        .iter()
+        .map(|d| format!("- `{}`", d.display()))
+        .collect();
+    let card = format!(
+        "# Uniform soup\n\nThe element-wise average of {} models (Wortsman et al. 2022; over \
+         checkpoints of one run this is SWA, Izmailov et al. 2018):\n\n{}\n",
+        dirs.len(),
+        listed.join("\n")
+    );
+    writer.finish(&soup.config, Some(first), &card)?;
+    Ok(())
+}
+
 /// Merge in-memory `models` with `method`, tensor by tensor. `aux[i]` holds model `i`'s auxiliary
 /// tensors (its Fisher diagonal or Gram matrices) for methods that declare [`MergeMethod::aux`];
 /// `global` and `per_model` override the declared defaults. No base model.
