@@ -49,6 +49,31 @@ enum Command {
         /// A Hugging Face model directory.
         model_dir: PathBuf,
     },
+    /// Git Re-Basin weight matching (Ainsworth et al. 2023): permute OTHER's hidden units to
+    /// match REF and write the (functionally identical) permuted model to OUT.
+    Align {
+        reference: PathBuf,
+        other: PathBuf,
+        out: PathBuf,
+        /// Seed of the random group order of the coordinate descent.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Most sweeps over all permutation groups.
+        #[arg(long, default_value_t = 100)]
+        max_sweeps: usize,
+    },
+    /// Uniform model soup / SWA: the plain average of checkpoints of one architecture (a `linear`
+    /// merge with equal weights, streamed to disk; the recipe goes in the model card).
+    Soup {
+        /// Output directory (must not exist).
+        out: PathBuf,
+        /// The checkpoints to average.
+        #[arg(required = true, num_args = 1..)]
+        models: Vec<PathBuf>,
+        /// Output dtype (default: the first model's).
+        #[arg(long)]
+        out_dtype: Option<DType>,
+    },
     /// Score model directories and merge recipes (built in memory) on held-out tasks; prints a
     /// Markdown table per task and split.
     Eval {
@@ -218,9 +243,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             split,
         } => eval_command(&tasks, &models, seed, split.as_deref())?,
+        Command::Align {
+            reference,
+            other,
+            out,
+            seed,
+            max_sweeps,
+        } => {
+            let config = evomerge::align::MatchConfig { max_sweeps, seed };
+            let m = evomerge::align::align_dirs(&reference, &other, &out, &config)?;
+            eprintln!(
+                "aligned {} permutation groups in {} sweeps: Σ⟨W_ref, W_other⟩ {:.4} → {:.4}; wrote {}",
+                m.perms.len(),
+                m.sweeps,
+                m.before,
+                m.after,
+                out.display()
+            );
+        }
+        Command::Soup {
+            out,
+            models,
+            out_dtype,
+        } => {
+            let cwd = std::env::current_dir().context("current directory")?;
+            let mut yaml = String::from("merge_method: linear\nmodels:\n");
+            for m in &models {
+                let abs = cwd.join(m);
+                yaml.push_str(&format!(
+                    "  - model: {}\n    parameters:\n      weight: 1.0\n",
+                    serde_json::to_string(&abs.display().to_string())?
+                ));
+            }
+            let recipe = Recipe::from_str(&yaml, None)?;
+            let options = MergeOptions {
+                out_dtype,
+                progress: true,
+                ..MergeOptions::default()
+            };
+            let written = merge_to_disk(&recipe, &mut ModelSet::new(), &out, &options)?;
+            eprintln!(
+                "averaged {} models into {}",
+                models.len(),
+                written.display()
+            );
+        }
         Command::Inspect { model_dir } => {
             let summary = evomerge::store::inspect(&model_dir)?;
-            print!("{summary}");
+            let text = summary.to_string();
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
         }
     }
     Ok(())
