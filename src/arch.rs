@@ -155,7 +155,11 @@ pub fn tied_embeddings(model: &dyn TensorSource) -> bool {
         .and_then(Value::as_bool)
     {
         Some(tied) => tied,
-        None => HEAD_NAMES.iter().all(|h| model.info(h).is_none()),
+        // Without the config key: tied when there is an embedding but no separate head.
+        None => {
+            EMBEDDING_NAMES.iter().any(|e| model.info(e).is_some())
+                && HEAD_NAMES.iter().all(|h| model.info(h).is_none())
+        }
     }
 }
 
