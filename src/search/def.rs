@@ -340,7 +340,10 @@ impl SearchDef {
         } else {
             dir
         };
-        SearchDef::from_toml(&text, dir, path)
+        // Absolute, so `output` defaults to `<parent of the definition's folder>/runs/<name>`
+        // and the paths saved in `search.toml` work from any directory.
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        SearchDef::from_toml(&text, &dir, path)
     }
 
     fn resolve(&mut self, dir: &Path) {
