@@ -44,6 +44,8 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// List the merge methods with their declared parameters (a Markdown table).
+    Methods,
     /// Describe a model directory: architecture, layers, parameters, dtypes, size on disk.
     Inspect {
         /// A Hugging Face model directory.
@@ -208,6 +210,56 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is not a usable shard size"))
 }
 
+/// The registry as a Markdown table, straight from each method's declarations.
+fn methods_table() -> String {
+    use evomerge::merge::{BaseUse, ParamKind, Scope, registry};
+    let mut out = String::from(
+        "| method | base model | models | global parameters | per-model parameters |\n|---|---|---|---|---|\n",
+    );
+    for m in registry() {
+        let base = match m.base() {
+            BaseUse::Required => "required",
+            BaseUse::Optional => "optional",
+        };
+        let models = match m.model_count() {
+            (lo, Some(hi)) if lo == hi => format!("{lo}"),
+            (lo, Some(hi)) => format!("{lo}–{hi}"),
+            (lo, None) => format!("≥ {lo}"),
+        };
+        let params = |scope: Scope| {
+            let list: Vec<String> = m
+                .params()
+                .iter()
+                .filter(|p| p.scope == scope)
+                .map(|p| {
+                    let default = match (p.default, p.kind) {
+                        (None, _) => "required".to_string(),
+                        (Some(v), ParamKind::Bool) => format!("{}", v != 0.0),
+                        (Some(v), _) => format!("{v}"),
+                    };
+                    let range = match p.kind {
+                        ParamKind::Float { min, max } => format!(" in [{min}, {max}]"),
+                        ParamKind::Bool => String::new(),
+                    };
+                    format!("`{}` = {default}{range}", p.name)
+                })
+                .collect();
+            if list.is_empty() {
+                "—".to_string()
+            } else {
+                list.join(", ")
+            }
+        };
+        out.push_str(&format!(
+            "| `{}` | {base} | {models} | {} | {} |\n",
+            m.name(),
+            params(Scope::Global),
+            params(Scope::PerModel)
+        ));
+    }
+    out
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
@@ -288,6 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 written.display()
             );
         }
+        Command::Methods => print!("{}", methods_table()),
         Command::Inspect { model_dir } => {
             let summary = evomerge::store::inspect(&model_dir)?;
             let text = summary.to_string();
