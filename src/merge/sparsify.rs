@@ -83,7 +83,7 @@ pub struct Sparsified {
 
 #[inline]
 fn mag(m: &[f32], b: &[f32], i: usize) -> u32 {
-    (m[i] - b[i]).to_bits() & 0x7fff_ffff
+    abs_bits(m[i] - b[i])
 }
 
 /// Sparsify the task vector `model − base` of a tensor with `shape`. The error is a message
@@ -103,13 +103,14 @@ pub fn sparsify(
             scale: 1.0,
         });
     }
-    let kept = match kind {
+    let (kept, sums) = match kind {
         Sparsify::Magnitude => {
             if density <= 0.0 || n == 0 {
-                Kept::Nothing
+                (Kept::Nothing, None)
             } else {
                 let k = ((density * n as f64) as usize).clamp(1, n);
-                Kept::Mask(rank_window(model, base, n - k, n))
+                let (w, sums) = rank_window(model, base, n - k, n);
+                (Kept::Mask(w), Some(sums))
             }
         }
         Sparsify::Breadcrumbs => {
@@ -117,21 +118,23 @@ pub fn sparsify(
             let n_top = (args.gamma * n as f64) as usize;
             let n_bot = n.saturating_sub(target + n_top);
             if target == 0 {
-                Kept::Nothing
+                (Kept::Nothing, None)
             } else {
-                Kept::Mask(rank_window(model, base, n_bot, (n_bot + target).min(n)))
+                let (w, sums) = rank_window(model, base, n_bot, (n_bot + target).min(n));
+                (Kept::Mask(w), Some(sums))
             }
         }
         Sparsify::Random => {
             if density <= 0.0 {
-                Kept::Nothing
+                (Kept::Nothing, None)
             } else {
-                Kept::Mask(bernoulli(n, density as f32, args))
+                let (w, sums) = bernoulli(model, base, density as f32, args);
+                (Kept::Mask(w), Some(sums))
             }
         }
         Sparsify::Della => {
             if density <= 0.0 {
-                Kept::Nothing
+                (Kept::Nothing, None)
             } else {
                 let eps = args.epsilon;
                 if density + eps >= 1.0 || density - eps <= 0.0 {
@@ -140,13 +143,14 @@ pub fn sparsify(
                          and epsilon {eps}"
                     ));
                 }
-                Kept::Mask(magprune(model, base, shape, density, eps, args))
+                let w = magprune(model, base, shape, density, eps, args);
+                let sums = args.rescale.then(|| l1_norms(model, base, &w));
+                (Kept::Mask(w), sums)
             }
         }
     };
-    let scale = match (&kept, args.rescale) {
-        (Kept::Mask(words), true) => {
-            let [before, after] = l1_norms(model, base, words);
+    let scale = match (sums, args.rescale) {
+        (Some([before, after]), true) => {
             if before < 1e-7 || after < 1e-7 {
                 1.0
             } else {
@@ -159,37 +163,53 @@ pub fn sparsify(
 }
 
 /// Where the `p`-th smallest magnitude (0-based) lies: entries below `value`, plus the first
-/// `ties` entries (in index order) equal to it, have rank `< p`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `ties` entries (in index order) equal to it, have rank `< p`. `equal` lists the indices of
+/// all entries equal to `value`, ascending.
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Cut {
     value: u32,
     ties: usize,
+    equal: Vec<usize>,
 }
 
 const BUCKET_SHIFT: u32 = 16;
 const BUCKETS: usize = 1 << (31 - BUCKET_SHIFT);
 
-/// Bitset of the entries whose ascending magnitude rank is in `[lo, hi)`.
-fn rank_window(m: &[f32], b: &[f32], lo: usize, hi: usize) -> Vec<u64> {
+/// Bitset of the entries whose ascending magnitude rank is in `[lo, hi)` (`0 < hi ≤ n`), and
+/// `[Σ|δ|, Σ|δ_kept|]`. Three passes: histogram, gather one bucket, mask.
+fn rank_window(m: &[f32], b: &[f32], lo: usize, hi: usize) -> (Vec<u64>, [f64; 2]) {
     let n = m.len();
     let chunks = n.div_ceil(CHUNK);
     let range = |c: usize| c * CHUNK..((c + 1) * CHUNK).min(n);
-    let positions: Vec<usize> = [lo, hi].into_iter().filter(|&p| p > 0 && p < n).collect();
+    let needs_cut = |p: usize| p > 0 && p < n;
 
-    let mut cuts: Vec<(usize, Cut)> = Vec::new();
-    let t0 = std::time::Instant::now();
-    if !positions.is_empty() {
+    let mut lo_cut = None;
+    let mut hi_cut = None;
+    if needs_cut(lo) || needs_cut(hi) {
         // 1. histogram of the magnitudes' top bits (sign cleared, so the order is numeric);
-        //    a few contiguous parts per thread, each with its own histogram
+        //    two interleaved tables per part keep repeated buckets from serialising
         let parts = (rayon::current_num_threads() * 2).min(chunks).max(1);
-        let per = n.div_ceil(parts);
+        let per = n.div_ceil(parts).next_multiple_of(2);
         let hist = (0..parts)
             .into_par_iter()
             .map(|t| {
-                let mut h = vec![0u32; BUCKETS];
-                for i in t * per..((t + 1) * per).min(n) {
-                    h[(mag(m, b, i) >> BUCKET_SHIFT) as usize] += 1;
+                let mut h = vec![0u32; 2 * BUCKETS];
+                let r = (t * per).min(n)..((t + 1) * per).min(n);
+                let (mc, bc) = (&m[r.clone()], &b[r]);
+                let (h0, h1) = h.split_at_mut(BUCKETS);
+                let mut pairs_m = mc.chunks_exact(2);
+                let mut pairs_b = bc.chunks_exact(2);
+                for (x, y) in (&mut pairs_m).zip(&mut pairs_b) {
+                    h0[(abs_bits(x[0] - y[0]) >> BUCKET_SHIFT) as usize] += 1;
+                    h1[(abs_bits(x[1] - y[1]) >> BUCKET_SHIFT) as usize] += 1;
                 }
+                for (x, y) in pairs_m.remainder().iter().zip(pairs_b.remainder()) {
+                    h0[(abs_bits(x - y) >> BUCKET_SHIFT) as usize] += 1;
+                }
+                for i in 0..BUCKETS {
+                    h0[i] += h1[i];
+                }
+                h.truncate(BUCKETS);
                 h
             })
             .reduce(
@@ -201,10 +221,9 @@ fn rank_window(m: &[f32], b: &[f32], lo: usize, hi: usize) -> Vec<u64> {
                     a
                 },
             );
-        eprintln!("hist {:?}", t0.elapsed());
-        // the bucket holding each position, and how many entries lie in lower buckets
+        // the bucket holding position p, and how many entries lie in lower buckets
         let locate = |p: usize| {
-            let mut below = 0;
+            let mut below = 0usize;
             for (k, &count) in hist.iter().enumerate() {
                 let count = count as usize;
                 if below + count > p {
@@ -214,148 +233,152 @@ fn rank_window(m: &[f32], b: &[f32], lo: usize, hi: usize) -> Vec<u64> {
             }
             unreachable!("position {p} < n lies in some bucket")
         };
-        let located: Vec<(usize, u32, usize)> = positions
-            .iter()
-            .map(|&p| {
-                let (k, below) = locate(p);
-                (p, k, below)
-            })
-            .collect();
-        // 2. gather the candidates of those buckets, 3. select inside them
-        for (p, bucket, below) in located {
-            let mut cand: Vec<u32> = (0..chunks)
+        // 2. gather the candidates of a bucket (value, index), in index order; 3. select
+        let cut = |p: usize| -> Cut {
+            let (bucket, below) = locate(p);
+            let cand: Vec<(u32, usize)> = (0..chunks)
                 .into_par_iter()
                 .map(|c| {
-                    range(c)
-                        .map(|i| mag(m, b, i))
-                        .filter(|v| v >> BUCKET_SHIFT == bucket)
-                        .collect::<Vec<u32>>()
+                    let r = range(c);
+                    let start = r.start;
+                    let (mc, bc) = (&m[r.clone()], &b[r]);
+                    mc.iter()
+                        .zip(bc)
+                        .enumerate()
+                        .filter_map(|(i, (x, y))| {
+                            let v = abs_bits(x - y);
+                            (v >> BUCKET_SHIFT == bucket).then_some((v, start + i))
+                        })
+                        .collect::<Vec<_>>()
                 })
                 .flatten()
                 .collect();
-            let r = p - below;
-            let (_, &mut value, _) = cand.select_nth_unstable(r);
-            let lower = cand.iter().filter(|&&v| v < value).count();
-            cuts.push((
-                p,
-                Cut {
-                    value,
-                    ties: p - below - lower,
-                },
-            ));
-        }
-    }
-    eprintln!("cuts {:?}", t0.elapsed());
-    let cut_at = |p: usize| cuts.iter().find(|(q, _)| *q == p).map(|(_, c)| *c);
-    // `None`: rank < p for no entry (p = 0) or for all (p = n)
-    let lo_cut = cut_at(lo);
-    let hi_cut = cut_at(hi);
-    let hi_all = hi >= n;
-
-    // 4. for ties at a cut, how many equal entries precede each chunk
-    let tie_offsets = |cut: Option<Cut>| -> Vec<usize> {
-        match cut {
-            Some(c) if c.ties > 0 => {
-                let counts: Vec<usize> = (0..chunks)
-                    .into_par_iter()
-                    .map(|k| range(k).filter(|&i| mag(m, b, i) == c.value).count())
-                    .collect();
-                let mut acc = 0;
-                counts
-                    .into_iter()
-                    .map(|x| {
-                        let o = acc;
-                        acc += x;
-                        o
-                    })
-                    .collect()
+            let mut values: Vec<u32> = cand.iter().map(|c| c.0).collect();
+            let (_, &mut value, _) = values.select_nth_unstable(p - below);
+            let lower = values.iter().filter(|&&v| v < value).count();
+            Cut {
+                value,
+                ties: p - below - lower,
+                equal: cand.iter().filter(|c| c.0 == value).map(|c| c.1).collect(),
             }
-            _ => vec![0; chunks],
-        }
-    };
-    let lo_off = tie_offsets(lo_cut);
-    let hi_off = tie_offsets(hi_cut);
-
-    eprintln!("ties {:?}", t0.elapsed());
-    // 5. the mask
-    let mut words = vec![0u64; n.div_ceil(64)];
-    let ties = lo_cut.is_some_and(|c| c.ties > 0) || hi_cut.is_some_and(|c| c.ties > 0);
-    if !ties {
-        // rank in [lo, hi) ⟺ lo_value ≤ |δ| < hi_value: branch-free, 8 entries per byte
-        let lo_v = lo_cut.map_or(0, |c| c.value);
-        let (hi_v, hi_inclusive) = match hi_cut {
-            Some(c) => (c.value, false),
-            None => (u32::MAX, hi_all),
         };
-        words
-            .par_chunks_mut(CHUNK / 64)
-            .enumerate()
-            .for_each(|(c, w)| {
-                let r = range(c);
-                let (mc, bc) = (&m[r.clone()], &b[r]);
-                for_each_bit_group(mc, bc, w, |v| {
-                    v >= lo_v && (v < hi_v || (hi_inclusive && v == hi_v))
-                });
-            });
-        eprintln!("mask {:?}", t0.elapsed());
-        return words;
+        lo_cut = needs_cut(lo).then(|| cut(lo));
+        hi_cut = needs_cut(hi).then(|| cut(hi));
     }
-    words
+
+    // 4. the mask for entries strictly between the cut values (any value on a side without a
+    //    cut), with L1 sums; then the entries equal to a cut value, by rank
+    let lo_v = lo_cut.as_ref().map(|c| c.value);
+    let hi_v = hi_cut.as_ref().map(|c| c.value);
+    let mut words = vec![0u64; n.div_ceil(64)];
+    let parts: Vec<[f64; 2]> = words
         .par_chunks_mut(CHUNK / 64)
         .enumerate()
-        .for_each(|(c, w)| {
-            let (mut seen_lo, mut seen_hi) = (lo_off[c], hi_off[c]);
-            for (off, i) in range(c).enumerate() {
-                let v = mag(m, b, i);
-                let below = |cut: Cut, seen: &mut usize| {
-                    if v == cut.value {
-                        *seen += 1;
-                        *seen <= cut.ties
-                    } else {
-                        v < cut.value
-                    }
-                };
-                let below_lo = match lo_cut {
-                    Some(cut) => below(cut, &mut seen_lo),
-                    None => false,
-                };
-                let below_hi = match hi_cut {
-                    Some(cut) => below(cut, &mut seen_hi),
-                    None => hi_all,
-                };
-                if !below_lo && below_hi {
-                    w[off / 64] |= 1 << (off % 64);
+        .map(|(c, w)| {
+            let r = range(c);
+            let (mc, bc) = (&m[r.clone()], &b[r]);
+            match (lo_v, hi_v) {
+                (Some(l), Some(h)) => fill_bits(mc, bc, w, |v| v > l && v < h),
+                (Some(l), None) => fill_bits(mc, bc, w, |v| v > l),
+                (None, Some(h)) => fill_bits(mc, bc, w, |v| v < h),
+                (None, None) => fill_bits(mc, bc, w, |_| true),
+            }
+        })
+        .collect();
+    let [before, mut after] = parts
+        .iter()
+        .fold([0.0; 2], |a, p| [a[0] + p[0], a[1] + p[1]]);
+    let mut set = |i: usize, v: u32| {
+        words[i / 64] |= 1 << (i % 64);
+        after += f64::from(f32::from_bits(v));
+    };
+    match (&lo_cut, &hi_cut) {
+        (Some(l), Some(h)) if l.value == h.value => {
+            // both cuts inside one run of equal values: ranks lo..hi of that run
+            for &i in &l.equal[l.ties..h.ties] {
+                set(i, l.value);
+            }
+        }
+        (l, h) => {
+            if let Some(l) = l {
+                // equal to the lower cut: kept from its `ties`-th on (all below `hi`)
+                for &i in &l.equal[l.ties..] {
+                    set(i, l.value);
                 }
             }
-        });
-    words
+            if let Some(h) = h {
+                // equal to the upper cut: the first `ties` have rank < hi
+                for &i in &h.equal[..h.ties] {
+                    set(i, h.value);
+                }
+            }
+        }
+    }
+    (words, [before, after])
 }
 
-/// Fill bitset words `w` from `keep(|m − b| bits)`, eight entries per byte so the compiler can
-/// vectorise the comparisons.
 #[inline]
-fn for_each_bit_group(m: &[f32], b: &[f32], w: &mut [u64], keep: impl Fn(u32) -> bool) {
-    let full = m.len() / 8 * 8;
-    for (g, (m8, b8)) in m[..full]
-        .chunks_exact(8)
-        .zip(b[..full].chunks_exact(8))
+fn abs_bits(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
+}
+
+/// Set bits of `w` where `keep(|m − b| bits)`; returns `[Σ|δ|, Σ|δ_kept|]` (`f32` lanes within
+/// 64 entries, `f64` across). Fixed-size groups with constant shifts, so the loop vectorises.
+#[inline]
+fn fill_bits(m: &[f32], b: &[f32], w: &mut [u64], keep: impl Fn(u32) -> bool) -> [f64; 2] {
+    let (mut before, mut after) = (0.0f64, 0.0f64);
+    let mut groups_m = m.chunks_exact(64);
+    let mut groups_b = b.chunks_exact(64);
+    for (g, (m64, b64)) in (&mut groups_m).zip(&mut groups_b).enumerate() {
+        let mut word = 0u64;
+        let mut all = [0.0f32; 8];
+        let mut kept = [0.0f32; 8];
+        for (q, (m8, b8)) in m64.chunks_exact(8).zip(b64.chunks_exact(8)).enumerate() {
+            let m8: &[f32; 8] = m8.try_into().expect("8 entries");
+            let b8: &[f32; 8] = b8.try_into().expect("8 entries");
+            let mut v = [0u32; 8];
+            for k in 0..8 {
+                v[k] = abs_bits(m8[k] - b8[k]);
+            }
+            let mut flag = [0u32; 8];
+            for k in 0..8 {
+                flag[k] = u32::from(keep(v[k]));
+            }
+            let mut byte = 0u32;
+            for k in 0..8 {
+                all[k] += f32::from_bits(v[k]);
+                kept[k] += f32::from_bits(v[k]) * flag[k] as f32;
+                byte |= flag[k] << k;
+            }
+            word |= u64::from(byte) << (q * 8);
+        }
+        w[g] = word;
+        before += f64::from(all.iter().sum::<f32>());
+        after += f64::from(kept.iter().sum::<f32>());
+    }
+    let full = m.len() / 64;
+    let mut word = 0u64;
+    for (k, (&x, &y)) in groups_m
+        .remainder()
+        .iter()
+        .zip(groups_b.remainder())
         .enumerate()
     {
-        let mut byte = 0u64;
-        for k in 0..8 {
-            let v = (m8[k] - b8[k]).to_bits() & 0x7fff_ffff;
-            byte |= u64::from(keep(v)) << k;
+        let v = abs_bits(x - y);
+        let a = f64::from(f32::from_bits(v));
+        before += a;
+        if keep(v) {
+            word |= 1 << k;
+            after += a;
         }
-        w[g / 8] |= byte << ((g % 8) * 8);
     }
-    for i in full..m.len() {
-        let v = (m[i] - b[i]).to_bits() & 0x7fff_ffff;
-        w[i / 64] |= u64::from(keep(v)) << (i % 64);
+    if !m.len().is_multiple_of(64) {
+        w[full] = word;
     }
+    [before, after]
 }
 
-/// `[Σ|δ|, Σ|δ_kept|]` over the whole tensor (deterministic chunked sum; `f32` within groups
-/// of 64 entries, `f64` across them).
+/// `[Σ|δ|, Σ|δ_kept|]` over the whole tensor for a given mask (deterministic chunked sum).
 fn l1_norms(m: &[f32], b: &[f32], words: &[u64]) -> [f64; 2] {
     chunked_sum(m.len(), |r| {
         let (mut before, mut after) = (0.0f64, 0.0f64);
@@ -363,35 +386,47 @@ fn l1_norms(m: &[f32], b: &[f32], words: &[u64]) -> [f64; 2] {
         let (mc, bc) = (&m[r.clone()], &b[r]);
         for (g, (m64, b64)) in mc.chunks(64).zip(bc.chunks(64)).enumerate() {
             let word = words[start / 64 + g];
-            let (mut all, mut kept) = (0.0f32, 0.0f32);
+            let (mut all, mut kept) = ([0.0f32; 8], [0.0f32; 8]);
             for (k, (&x, &y)) in m64.iter().zip(b64).enumerate() {
                 let a = (x - y).abs();
-                all += a;
-                kept += if (word >> k) & 1 == 1 { a } else { 0.0 };
+                all[k % 8] += a;
+                kept[k % 8] += if (word >> k) & 1 == 1 { a } else { 0.0 };
             }
-            before += f64::from(all);
-            after += f64::from(kept);
+            before += f64::from(all.iter().sum::<f32>());
+            after += f64::from(kept.iter().sum::<f32>());
         }
         [before, after]
     })
 }
 
-/// DARE's mask: each entry survives with probability `p`.
-fn bernoulli(n: usize, p: f32, args: &SparsifyArgs) -> Vec<u64> {
+/// DARE's mask: each entry survives with probability `p` (and the L1 sums).
+fn bernoulli(m: &[f32], b: &[f32], p: f32, args: &SparsifyArgs) -> (Vec<u64>, [f64; 2]) {
+    let n = m.len();
     let mut words = vec![0u64; n.div_ceil(64)];
-    words
+    let parts: Vec<[f64; 2]> = words
         .par_chunks_mut(CHUNK / 64)
         .enumerate()
-        .for_each(|(c, w)| {
+        .map(|(c, w)| {
             let mut rng = StdRng::seed_from_u64(mix_seed(args.seed, args.model, c as u64));
-            let len = CHUNK.min(n - c * CHUNK);
+            let r = c * CHUNK..((c + 1) * CHUNK).min(n);
+            let len = r.len();
             for off in 0..len {
                 if rng.random::<f32>() < p {
                     w[off / 64] |= 1 << (off % 64);
                 }
             }
-        });
-    words
+            if args.rescale {
+                let words_here: &[u64] = w;
+                l1_norms(&m[r.clone()], &b[r], words_here)
+            } else {
+                [0.0; 2]
+            }
+        })
+        .collect();
+    let sums = parts
+        .iter()
+        .fold([0.0; 2], |a, p| [a[0] + p[0], a[1] + p[1]]);
+    (words, sums)
 }
 
 /// DELLA's MAGPRUNE mask: rank-dependent keep probabilities within each row.
@@ -521,6 +556,59 @@ mod tests {
         mags.sort_by(f32::total_cmp);
         let threshold = mags[n - 30_000];
         assert!(kept.iter().all(|&i| d[i].abs() >= threshold));
+    }
+
+    #[test]
+    fn rank_windows_with_many_ties_match_a_sorted_reference() {
+        // values quantised to a few levels (like bf16 deltas): ties at every cut
+        let n = 10_000;
+        let z = vec![0.0f32; n];
+        let mut rng = StdRng::seed_from_u64(11);
+        let d: Vec<f32> = (0..n)
+            .map(|_| (rng.random_range(0..40) as f32 - 20.0) * 0.125)
+            .collect();
+        // reference: ascending (|δ|, index), keep positions [lo, hi)
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| d[a].abs().total_cmp(&d[b].abs()).then(a.cmp(&b)));
+        for (density, gamma) in [
+            (0.5, 0.0),
+            (0.3, 0.1),
+            (0.05, 0.01),
+            (0.9, 0.2),
+            (0.001, 0.5),
+        ] {
+            let a = SparsifyArgs {
+                gamma,
+                ..args(density)
+            };
+            let (lo, hi, kind) = if gamma == 0.0 {
+                let k = (density * n as f64) as usize;
+                (n - k, n, Sparsify::Magnitude)
+            } else {
+                let target = (density * n as f64) as usize;
+                let bot = n.saturating_sub(target + (gamma * n as f64) as usize);
+                (bot, bot + target, Sparsify::Breadcrumbs)
+            };
+            let mut want: Vec<usize> = order[lo..hi].to_vec();
+            want.sort();
+            let s = sparsify(kind, &d, &z, &[n], &a).unwrap();
+            assert_eq!(kept_indices(&s, n), want, "density {density} gamma {gamma}");
+            // the L1 rescale counts the tied entries too
+            let r = sparsify(kind, &d, &z, &[n], &SparsifyArgs { rescale: true, ..a }).unwrap();
+            let before: f64 = d.iter().map(|x| f64::from(x.abs())).sum();
+            let after: f64 = want.iter().map(|&i| f64::from(d[i].abs())).sum();
+            if after > 0.0 {
+                assert!((f64::from(r.scale) - before / after).abs() < 1e-5 * before / after);
+            }
+        }
+        // everything equal: both cuts inside one run of ties
+        let same = vec![0.5f32; 10];
+        let a = SparsifyArgs {
+            gamma: 0.2,
+            ..args(0.3)
+        };
+        let s = sparsify(Sparsify::Breadcrumbs, &same, &z[..10], &[10], &a).unwrap();
+        assert_eq!(kept_indices(&s, 10), vec![5, 6, 7]);
     }
 
     #[test]
