@@ -15,6 +15,9 @@
 //! `nuslerp_flatten = false`, `nuslerp_row_wise = false` (default) interpolates each slice along
 //! the last axis (each row of a matrix), and `nuslerp_row_wise = true` each slice along the first
 //! axis (each column) — mergekit 0.1.5's naming, kept for compatible recipes.
+//!
+//! Inputs: exactly two models besides the optional base; when the base model is also listed
+//! among the models (three inputs, one equal to the base), that entry is dropped.
 
 use rayon::prelude::*;
 
@@ -80,11 +83,43 @@ impl MergeMethod for NuSlerp {
     }
 
     fn model_count(&self) -> (usize, Option<usize>) {
-        (2, Some(2))
+        (2, Some(3))
     }
 
     fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>> {
-        let n = check(self, input)?;
+        check(self, input)?;
+        // A recipe may list the base model among `models` too (mergekit adds it there anyway):
+        // then the base's own entry is not one of the two interpolated models.
+        if input.models.len() == 3
+            && let Some(b) = input.base
+            && let Some(j) = input
+                .models
+                .iter()
+                .position(|m| std::ptr::eq(*m, b) || *m == b)
+        {
+            let mut models = input.models.clone();
+            let mut model_params = input.model_params.clone();
+            models.remove(j);
+            model_params.remove(j);
+            return self.merge(&MergeInput {
+                models,
+                model_params,
+                global: input.global.clone(),
+                aux: Vec::new(),
+                ..*input
+            });
+        }
+        if input.models.len() != 2 {
+            return Err(crate::error::Error::Method {
+                method: self.name().to_string(),
+                msg: format!(
+                    "tensor `{}`: needs exactly 2 models besides the optional base model, got {}",
+                    input.tensor,
+                    input.models.len()
+                ),
+            });
+        }
+        let n: usize = input.shape.iter().product();
         let name = self.name();
         let (w0, w1) = (
             per_model(name, input, 0, "weight")?,
@@ -211,6 +246,51 @@ mod tests {
         let (c, s) = (22.5f32.to_radians().cos(), 22.5f32.to_radians().sin());
         let want = [1.0 + c, 1.0, 1.0 + s, 1.0 + 2.5];
         assert_close(&NuSlerp.merge(&inp).unwrap(), &want, 1e-6);
+    }
+
+    #[test]
+    fn base_listed_among_models_is_dropped() {
+        let base = [1.0f32, 1.0];
+        let a = [2.0f32, 1.0];
+        let b = [1.0f32, 2.0];
+        let w = |x: f64| params(&[("weight", x)]);
+        let with = input(
+            &NuSlerp,
+            &[2],
+            Some(&base),
+            vec![&a, &base, &b],
+            vec![w(1.0), w(9.0), w(1.0)],
+            params(&[]),
+            0,
+        );
+        let without = input(
+            &NuSlerp,
+            &[2],
+            Some(&base),
+            vec![&a, &b],
+            vec![w(1.0), w(1.0)],
+            params(&[]),
+            0,
+        );
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        assert_close(&NuSlerp.merge(&with).unwrap(), &[1.0 + h, 1.0 + h], 1e-6);
+        assert_eq!(
+            NuSlerp.merge(&with).unwrap(),
+            NuSlerp.merge(&without).unwrap()
+        );
+        // three distinct models is an error
+        let c = [5.0f32, 5.0];
+        let three = input(
+            &NuSlerp,
+            &[2],
+            Some(&base),
+            vec![&a, &b, &c],
+            vec![w(1.0), w(1.0), w(1.0)],
+            params(&[]),
+            0,
+        );
+        let err = NuSlerp.merge(&three).unwrap_err().to_string();
+        assert!(err.contains("exactly 2 models"), "{err}");
     }
 
     #[test]
