@@ -7,6 +7,8 @@
 //! θ = Σ_j w_j θ_j / Σ_j w_j       (normalize = true, the default)
 //! ```
 //!
+//! The declared `weight` range [0, 1] bounds the search; recipes may use any weight.
+//!
 //! As in mergekit 0.1.5, the base model has no special role here: a recipe that lists it among
 //! `models` gives it a weight like any other input, and the executor passes it among
 //! [`MergeInput::models`]. A separate [`MergeInput::base`] is ignored.
@@ -25,10 +27,7 @@ static PARAMS: &[ParamDecl] = &[
     ParamDecl {
         name: "weight",
         scope: Scope::PerModel,
-        kind: ParamKind::Float {
-            min: -1.0,
-            max: 2.0,
-        },
+        kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: None,
         doc: "weight of this model in the average",
     },

@@ -29,6 +29,10 @@
 //! `density` for `task_arithmetic` too, `task_arithmetic` does not declare it: it has no
 //! sparsification, so a `density` there would be a dead search gene.
 //!
+//! Declared ranges (`weight` and `density` in [0, 1], `lambda` in [0, 2], `gamma` in [0, 1],
+//! `epsilon` in [0, 0.5]) are the search's gene bounds; a recipe may use any value, as in
+//! mergekit (negative weights negate a task vector).
+//!
 //! The merge is one fused pass over the tensor in chunks (rayon): task vectors are recomputed
 //! from the inputs, nothing of the tensor's size is allocated except the output and one bitset
 //! per sparsified model.
@@ -92,17 +96,14 @@ const INT8_MASK: ParamDecl = flag(
 const LAMBDA: ParamDecl = ParamDecl {
     name: "lambda",
     scope: Scope::Global,
-    kind: ParamKind::Float { min: 0.0, max: 3.0 },
+    kind: ParamKind::Float { min: 0.0, max: 2.0 },
     default: Some(1.0),
     doc: "scale of the merged task vector",
 };
 const WEIGHT: ParamDecl = ParamDecl {
     name: "weight",
     scope: Scope::PerModel,
-    kind: ParamKind::Float {
-        min: -1.0,
-        max: 2.0,
-    },
+    kind: ParamKind::Float { min: 0.0, max: 1.0 },
     default: None,
     doc: "weight of this model's task vector",
 };
