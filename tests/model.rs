@@ -379,3 +379,51 @@ fn merged_candidate_builds_and_runs_in_memory() {
         logits_vec(&direct.logits(&ids).unwrap())
     );
 }
+
+/// Greedy generation with the shipped toy models (assets/toy/), through `load_tokenizer` (the
+/// config.json marker selects the char vocabulary) and `build` on the model directory.
+fn greedy(dir: &Path, prompt: &str) -> String {
+    let tok = evomerge::tokenizer::load_tokenizer(dir).unwrap();
+    let model = build(
+        &Candidate {
+            body: CandidateBody::Dir(dir.to_path_buf()),
+            recipe: None,
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();
+    ids.extend(tok.encode(prompt).unwrap());
+    let start = ids.len();
+    for _ in 0..8 {
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&input).unwrap();
+        let last: Vec<f32> = logits
+            .get(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let next = (0..last.len())
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .unwrap() as u32;
+        if Some(next) == tok.eos_id() {
+            break;
+        }
+        ids.push(next);
+    }
+    tok.decode(&ids[start..]).unwrap()
+}
+
+#[test]
+fn shipped_toy_experts_answer_their_tasks() {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
+    assert_eq!(greedy(&toy.join("add"), "37+45="), "82");
+    assert_eq!(greedy(&toy.join("cipher"), "enc:hello="), "khoor");
+    // The add expert has not learnt the cipher.
+    assert_ne!(greedy(&toy.join("add"), "enc:hello="), "khoor");
+}
