@@ -38,10 +38,20 @@ struct Location {
     end: usize,
 }
 
-/// One mapped safetensors file.
+/// One mapped safetensors file. Headers and [`Model::raw`] use the map; [`Model::read_into`]
+/// reads through `file` with positioned reads, so decoding a tensor neither page-faults the map
+/// in nor leaves the file's pages counted in this process's resident memory.
 struct Shard {
     path: PathBuf,
+    file: File,
     map: Mmap,
+}
+
+/// Bytes read per positioned read when decoding a non-f32 tensor (the scratch buffer's size).
+const READ_CHUNK: usize = 4 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// An opened model directory. Tensors are memory-mapped and decoded to `f32` on demand.
@@ -268,8 +278,8 @@ impl<'de> serde::Deserialize<'de> for HeaderPairs {
     }
 }
 
-/// Map a file read-only.
-fn map_file(path: &Path) -> Result<Mmap> {
+/// Open and map a file read-only.
+fn map_file(path: &Path) -> Result<(File, Mmap)> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len < 8 {
@@ -282,7 +292,8 @@ fn map_file(path: &Path) -> Result<Mmap> {
     // SAFETY: the map is read-only and lives inside `Model`. Like every mmap-based reader
     // (safetensors, candle), we rely on the file not being truncated or rewritten while the
     // model is open; model directories are treated as immutable inputs.
-    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok((file, map))
 }
 
 /// Read and parse a JSON file, as an error naming the file.
@@ -311,10 +322,17 @@ impl Model {
         let single = dir.join(SINGLE_FILE);
         let index_path = dir.join(INDEX_FILE);
         let (shards, placed) = if single.is_file() {
-            let map = map_file(&single)?;
+            let (file, map) = map_file(&single)?;
             let entries = parse_header(&single, &map)?;
             let placed: Vec<(HeaderEntry, usize)> = entries.into_iter().map(|e| (e, 0)).collect();
-            (vec![Shard { path: single, map }], placed)
+            (
+                vec![Shard {
+                    path: single,
+                    file,
+                    map,
+                }],
+                placed,
+            )
         } else if index_path.is_file() {
             Self::open_sharded(&index_path)?
         } else {
@@ -390,7 +408,7 @@ impl Model {
                     ),
                 ));
             }
-            let map = map_file(&path)?;
+            let (file, map) = map_file(&path)?;
             let entries = parse_header(&path, &map)?;
             let names: BTreeSet<&str> = names.iter().copied().collect();
             let found: BTreeSet<&str> = entries.iter().map(|e| e.info.name.as_str()).collect();
@@ -411,7 +429,7 @@ impl Model {
                     .filter(|e| names.contains(e.info.name.as_str()))
                     .map(|e| (e, shard)),
             );
-            shards.push(Shard { path, map });
+            shards.push(Shard { path, file, map });
         }
         Ok((shards, placed))
     }
@@ -460,9 +478,17 @@ impl Model {
         ))
     }
 
-    /// Decode a tensor to `f32` into `out` (length = element count).
+    /// Decode a tensor to `f32` into `out` (length = element count). Reads with positioned
+    /// reads (f32 straight into `out`, other dtypes through a small per-thread buffer), so the
+    /// bytes pass through memory once and the file's pages are not counted in our RSS.
     pub fn read_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
-        let (info, bytes) = self.raw(name)?;
+        use std::os::unix::fs::FileExt;
+
+        let i = self.position(name).ok_or_else(|| Error::MissingTensor {
+            model: self.dir.clone(),
+            tensor: name.to_string(),
+        })?;
+        let info = &self.tensors[i];
         if out.len() != info.numel() {
             return Err(Error::Tensor {
                 tensor: name.to_string(),
@@ -474,8 +500,29 @@ impl Model {
                 ),
             });
         }
-        codec::decode(info.dtype, bytes, out);
-        Ok(())
+        let loc = self.locations[i];
+        let shard = &self.shards[loc.shard];
+        let io = |e| bad(&shard.path, name, format!("read failed: {e}"));
+        if info.dtype == DType::F32 && cfg!(target_endian = "little") {
+            let dst: &mut [u8] = bytemuck::cast_slice_mut(out);
+            return shard.file.read_exact_at(dst, loc.start as u64).map_err(io);
+        }
+        let size = info.dtype.size();
+        let per_chunk = READ_CHUNK / size;
+        SCRATCH.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            for (c, dst) in out.chunks_mut(per_chunk).enumerate() {
+                let bytes = dst.len() * size;
+                buf.resize(bytes, 0);
+                let at = loc.start + c * per_chunk * size;
+                shard
+                    .file
+                    .read_exact_at(&mut buf[..bytes], at as u64)
+                    .map_err(io)?;
+                codec::decode(info.dtype, &buf[..bytes], dst);
+            }
+            Ok(())
+        })
     }
 
     /// Decode a tensor to a new `f32` buffer.
