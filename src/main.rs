@@ -44,6 +44,31 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Run an evolutionary search (`searches/*.toml`): CMA-ES proposes recipes, candidates are
+    /// built in memory and scored on the dev split; writes history, plots, the best recipe, the
+    /// merged model and a test-split report to the output directory.
+    Search {
+        /// The search definition.
+        search: PathBuf,
+        /// Output directory (default: the definition's `output`, else runs/NAME beside searches/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Continue a killed search from its output directory; reaches the same result as an
+    /// uninterrupted run.
+    Resume {
+        out_dir: PathBuf,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Print a finished search's report (sources, default merge, evolved recipe on the test split).
+    Report { out_dir: PathBuf },
+    /// Redraw a search's plots (PNG and SVG) from its history.
+    Plot { out_dir: PathBuf },
     /// List the merge methods with their declared parameters (a Markdown table).
     Methods,
     /// Describe a model directory: architecture, layers, parameters, dtypes, size on disk.
@@ -210,6 +235,29 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is not a usable shard size"))
 }
 
+/// The end of a search: where things are, and the report.
+fn print_summary(
+    out_dir: &std::path::Path,
+    summary: &evomerge::search::run::RunSummary,
+) -> anyhow::Result<()> {
+    let best = summary
+        .best
+        .fitness
+        .map_or_else(|| "none".to_string(), |f| format!("{f:.4}"));
+    eprintln!(
+        "best dev fitness {best} after {} generations ({} evaluated, {} from history, {} failed); outputs in {}",
+        summary.generations,
+        summary.evaluated,
+        summary.replayed,
+        summary.failures,
+        out_dir.display()
+    );
+    if summary.report.is_some() {
+        print!("{}", evomerge::report::report(out_dir)?);
+    }
+    Ok(())
+}
+
 /// The registry as a Markdown table, straight from each method's declarations.
 fn methods_table() -> String {
     use evomerge::merge::{BaseUse, ParamKind, Scope, registry};
@@ -339,6 +387,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 models.len(),
                 written.display()
             );
+        }
+        Command::Search { search, out, quiet } => {
+            let def = evomerge::search::def::SearchDef::load(&search)?;
+            let out_dir = out.unwrap_or_else(|| def.output_dir());
+            let options = evomerge::search::run::RunOptions {
+                progress: !quiet,
+                ..Default::default()
+            };
+            let summary = evomerge::search::run::run_search(&def, &out_dir, &options)
+                .with_context(|| format!("search {}", search.display()))?;
+            print_summary(&out_dir, &summary)?;
+        }
+        Command::Resume { out_dir, quiet } => {
+            let options = evomerge::search::run::RunOptions {
+                progress: !quiet,
+                ..Default::default()
+            };
+            let summary = evomerge::search::run::resume_with(&out_dir, &options)
+                .with_context(|| format!("resuming {}", out_dir.display()))?;
+            print_summary(&out_dir, &summary)?;
+        }
+        Command::Report { out_dir } => print!("{}", evomerge::report::report(&out_dir)?),
+        Command::Plot { out_dir } => {
+            for p in evomerge::report::plots::plot(&out_dir)? {
+                eprintln!("wrote {}", p.display());
+            }
         }
         Command::Methods => print!("{}", methods_table()),
         Command::Inspect { model_dir } => {
