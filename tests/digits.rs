@@ -429,13 +429,13 @@ fn uniform_soup_of_directories_is_swa_on_disk() {
     uniform_soup_dirs(&refs, &out).unwrap();
     let written = load_mem(&out).unwrap();
     let w = &written.tensors["layers.0.bias"].data;
-    for i in 0..3 {
+    for (i, got) in w.iter().enumerate().take(3) {
         let want: f32 = models
             .iter()
             .map(|m| m.tensors["layers.0.bias"].data[i])
             .sum::<f32>()
             / 3.0;
-        assert!((w[i] - want).abs() < 1e-6);
+        assert!((got - want).abs() < 1e-6);
     }
     assert_eq!(written.config, models[0].config);
 }
