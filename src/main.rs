@@ -428,6 +428,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Parallelism comes from evaluation slots, batches and the merge executor's rayon pool;
+    // candle's own per-op thread pool spins, which on a small machine made forward passes an
+    // order of magnitude slower. One candle thread per caller unless the user says otherwise.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: set before any other thread exists.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
