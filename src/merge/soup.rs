@@ -126,7 +126,7 @@ pub fn greedy_soup(models: &[&MemModel], evaluator: &dyn Evaluator) -> Result<Gr
     })
 }
 
-/// `evomerge soup --uniform OUT DIR...` (and SWA over saved checkpoints): the uniform soup of
+/// The uniform soup (and SWA over saved checkpoints) of model directories, in memory: the uniform soup of
 /// model directories, written to `out` with the first model's dtypes, config.json and tokenizer
 /// files.
 pub fn uniform_soup_dirs(dirs: &[&std::path::Path], out: &std::path::Path) -> Result<()> {
