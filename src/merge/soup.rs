@@ -126,9 +126,9 @@ pub fn greedy_soup(models: &[&MemModel], evaluator: &dyn Evaluator) -> Result<Gr
     })
 }
 
-/// The uniform soup (and SWA over saved checkpoints) of model directories, in memory: the uniform soup of
-/// model directories, written to `out` with the first model's dtypes, config.json and tokenizer
-/// files.
+/// The uniform soup (or SWA over saved checkpoints) of model directories, averaged in memory and
+/// written to `out` with the first model's dtypes, config.json and tokenizer files. For large
+/// models prefer `evomerge soup`, which streams the same average as a `linear` merge.
 pub fn uniform_soup_dirs(dirs: &[&std::path::Path], out: &std::path::Path) -> Result<()> {
     let first = dirs
         .first()
