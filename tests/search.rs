@@ -489,6 +489,20 @@ fn every_shipped_search_definition_parses() {
         if p.extension().is_some_and(|e| e == "toml") {
             let d = SearchDef::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             assert_eq!(d.evaluator.fitness_split(), Split::Dev);
+            // a PS space must fit the method's current declarations (ranges, parameter names)
+            if let SpaceDef::Ps(ps) = &d.space {
+                let method = evomerge::merge::method(d.method.as_deref().unwrap()).unwrap();
+                let info = PsModels {
+                    method: method.name().into(),
+                    decls: method.params().to_vec(),
+                    models: vec!["a".into(), "b".into()],
+                    base: Some("base".into()),
+                    n_layers: 4,
+                    pre_tensors: vec!["model.embed_tokens.weight".into()],
+                    post_tensors: vec!["lm_head.weight".into()],
+                };
+                PsSpace::new(info, ps).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            }
             n += 1;
         }
     }
