@@ -1,10 +1,11 @@
 //! The one integration-test binary; each area is a module.
 
-mod store;
-mod recipe;
-mod methods;
-mod merge;
-mod model;
-mod eval;
-mod search;
+mod cli;
 mod digits;
+mod eval;
+mod merge;
+mod methods;
+mod model;
+mod recipe;
+mod search;
+mod store;

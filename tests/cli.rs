@@ -1,0 +1,128 @@
+//! Integration tests of whole commands run as processes: a search killed with SIGKILL in the
+//! middle of a generation resumes to the same result as an uninterrupted run.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_evomerge")
+}
+
+/// A small PS search over the shipped toy world (few examples, few evaluations).
+fn small_search(dir: &Path) -> PathBuf {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
+    let text = format!(
+        r#"name = "kill-test"
+models = ["{toy}/add", "{toy}/cipher"]
+base_model = "{toy}/base"
+method = "ties"
+
+[space]
+kind = "ps"
+granularity = "whole"
+embeddings = true
+params = ["weight", "density"]
+defaults = {{ weight = 1.0, density = 0.5 }}
+
+[evaluator]
+kind = "lm"
+fitness_split = "dev"
+tasks = [
+  {{ name = "add", path = "{toy}/tasks/add", metric = "exact_match", max_new_tokens = 4, limit = 12 }},
+  {{ name = "cipher", path = "{toy}/tasks/cipher", metric = "exact_match", max_new_tokens = 8, limit = 12 }},
+]
+
+[optimizer]
+sigma0 = 0.3
+population = 4
+generations = 4
+seed = 3
+restarts = "none"
+
+[parallelism]
+slots = 2
+"#,
+        toy = toy.display()
+    );
+    let path = dir.join("kill-test.toml");
+    fs::write(&path, text).unwrap();
+    path
+}
+
+fn best_genome(out: &Path) -> serde_json::Value {
+    let text = fs::read_to_string(out.join("best_genome.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["genome"].clone()
+}
+
+fn history_lines(out: &Path) -> usize {
+    fs::read_to_string(out.join("history.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_search_killed_mid_generation_resumes_to_the_same_best_genome() {
+    let tmp = tempfile::tempdir().unwrap();
+    let def = small_search(tmp.path());
+    let full = tmp.path().join("full");
+    let status = Command::new(bin())
+        .args(["search", def.to_str().unwrap(), "--quiet", "--out"])
+        .arg(&full)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(history_lines(&full), 16);
+
+    // The same search, killed (SIGKILL) once the history holds 6 records: generation 2 of 4,
+    // with the others of that generation in flight.
+    let killed = tmp.path().join("killed");
+    let mut child = Command::new(bin())
+        .args(["search", def.to_str().unwrap(), "--quiet", "--out"])
+        .arg(&killed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while history_lines(&killed) < 6 {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "search made no progress"
+        );
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().ok();
+    child.wait().unwrap();
+    let at_kill = history_lines(&killed);
+    assert!(
+        at_kill < 16,
+        "the search finished before it could be killed"
+    );
+    assert!(!killed.join("best_genome.json").exists());
+
+    let out = Command::new(bin())
+        .args(["resume", "--quiet"])
+        .arg(&killed)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("from history"),
+        "resume should report replayed evaluations: {stderr}"
+    );
+    assert_eq!(best_genome(&killed), best_genome(&full));
+    assert_eq!(history_lines(&killed), 16);
+}
