@@ -56,7 +56,7 @@ impl Default for MergeOptions {
             out_dtype: None,
             max_shard_size: 5_000_000_000,
             progress: false,
-            in_flight_bytes: 768 << 20,
+            in_flight_bytes: 512 << 20,
         }
     }
 }
@@ -159,7 +159,10 @@ fn recycle_large_buffers() {
             // work starts and glibc serialises it internally.
             unsafe {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+                // Per-thread arenas cannot hold blocks above 64 MiB and mmap them afresh every
+                // time; one arena keeps even an embedding matrix's buffers for reuse.
+                libc::mallopt(libc::M_ARENA_MAX, 1);
             }
         });
     }
