@@ -43,6 +43,11 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Git Re-Basin first: permute every other model's hidden units to match the base model
+        /// (or the first model) before merging (Ainsworth et al. 2023). The aligned models live
+        /// in memory only.
+        #[arg(long)]
+        align: bool,
     },
     /// Run an evolutionary search (`searches/*.toml`): CMA-ES proposes recipes, candidates are
     /// built in memory and scored on the dev split; writes history, plots, the best recipe, the
@@ -235,6 +240,43 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is not a usable shard size"))
 }
 
+/// Align every model of `recipe` to its base (or first) model and register the permuted copies
+/// in `models`, so the merge reads them instead of the files.
+fn align_inputs(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> anyhow::Result<()> {
+    use evomerge::align::{MatchConfig, align, load_dir};
+
+    let refs = recipe.referenced_models();
+    let reference = recipe
+        .base_model
+        .as_ref()
+        .or_else(|| refs.first().copied())
+        .context("the recipe names no model to align to")?
+        .path
+        .clone();
+    let target = load_dir(&reference)?;
+    let config = MatchConfig {
+        seed,
+        ..MatchConfig::default()
+    };
+    let mut done = std::collections::BTreeSet::new();
+    for m in refs {
+        if m.path == reference || !done.insert(m.path.clone()) {
+            continue;
+        }
+        let (aligned, matching) = align(&target, &load_dir(&m.path)?, &config)
+            .with_context(|| format!("aligning {} to {}", m.path.display(), reference.display()))?;
+        eprintln!(
+            "aligned {} to {}: {} permutation groups, {} sweeps",
+            m.name,
+            reference.display(),
+            matching.perms.len(),
+            matching.sweeps
+        );
+        models.insert(m.path.clone(), std::sync::Arc::new(aligned));
+    }
+    Ok(())
+}
+
 /// The end of a search: where things are, and the report.
 fn print_summary(
     out_dir: &std::path::Path,
@@ -323,9 +365,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_shard_size,
             out_dtype,
             quiet,
+            align,
         } => {
             let parsed = Recipe::from_path(&recipe)?;
             let mut models = ModelSet::new();
+            if align {
+                align_inputs(&parsed, &mut models, seed)?;
+            }
             let options = MergeOptions {
                 seed,
                 out_dtype,

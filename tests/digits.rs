@@ -439,3 +439,47 @@ fn uniform_soup_of_directories_is_swa_on_disk() {
     }
     assert_eq!(written.config, models[0].config);
 }
+
+/// `evomerge merge --align` (Git Re-Basin before any recipe) recovers what the same recipe
+/// loses without it.
+#[test]
+fn merge_command_aligns_first_when_asked() {
+    let s = seed() * 1000 + 500;
+    let cfg = MlpConfig::relu(vec![64, 128, 128, 10]);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut dirs = Vec::new();
+    for k in 1..=2 {
+        let m = train(&cfg, s + k, &splits().train, &adam(20, 1e-3, s + k))
+            .to_mem()
+            .unwrap();
+        let dir = tmp.path().join(format!("m{k}"));
+        evomerge::model::mlp::save_mem(&m, &dir).unwrap();
+        dirs.push(dir);
+    }
+    let recipe = tmp.path().join("avg.yml");
+    std::fs::write(
+        &recipe,
+        "merge_method: linear\nmodels:\n  - model: m1\n    parameters: {weight: 1.0}\n  - model: m2\n    parameters: {weight: 1.0}\n",
+    )
+    .unwrap();
+    let merge = |out: &str, align: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_evomerge"));
+        cmd.arg("merge")
+            .arg(&recipe)
+            .arg(tmp.path().join(out))
+            .arg("--quiet");
+        if align {
+            cmd.arg("--align");
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let merged = evomerge::model::mlp::load_mem(&tmp.path().join(out)).unwrap();
+        score(&merged, Split::Test)
+    };
+    let naive = merge("naive", false);
+    let aligned = merge("aligned", true);
+    assert!(
+        aligned > naive + 0.04,
+        "naive {naive:.4}, aligned {aligned:.4}"
+    );
+}
