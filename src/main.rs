@@ -94,8 +94,9 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         max_sweeps: usize,
     },
-    /// Uniform model soup / SWA: the plain average of checkpoints of one architecture (a `linear`
-    /// merge with equal weights, streamed to disk; the recipe goes in the model card).
+    /// Model soup / SWA: the plain average of checkpoints of one architecture (a `linear` merge
+    /// with equal weights, streamed to disk; the recipe goes in the model card), of all of them
+    /// or of a greedy selection (`--greedy TASKS.toml`).
     Soup {
         /// Output directory (must not exist).
         out: PathBuf,
@@ -105,6 +106,11 @@ enum Command {
         /// Output dtype (default: the first model's).
         #[arg(long)]
         out_dtype: Option<DType>,
+        /// Greedy soup (Wortsman et al. 2022) instead of uniform: rank the models by dev score on
+        /// these tasks (a `--tasks` file as for `eval`) and add each only if the running
+        /// average's dev score strictly improves.
+        #[arg(long, value_name = "TASKS.toml")]
+        greedy: Option<PathBuf>,
     },
     /// Score model directories and merge recipes (built in memory) on held-out tasks; prints a
     /// Markdown table per task and split.
@@ -136,21 +142,13 @@ fn is_recipe(path: &std::path::Path) -> bool {
     path.extension().is_some_and(|e| e == "yml" || e == "yaml")
 }
 
-/// `evomerge eval`: build each candidate (recipes merged in memory), score both splits, print.
-fn eval_command(
+/// The LM evaluator for a `--tasks` file, with the tokenizer of the model in `tokenizer_dir`.
+fn lm_evaluator(
     tasks: &std::path::Path,
-    models: &[PathBuf],
-    seed: u64,
-    split: Option<&str>,
-) -> anyhow::Result<()> {
-    use std::sync::Arc;
-
-    use evomerge::candidate::{Candidate, CandidateBody};
-    use evomerge::eval::Split;
+    tokenizer_dir: &std::path::Path,
+) -> anyhow::Result<evomerge::eval::lm::LmEvaluator> {
     use evomerge::eval::lm::{LmConfig, LmEvaluator};
-    use evomerge::eval::table::{EvalTable, PRIMARY};
     use evomerge::eval::tasks::Task;
-    use evomerge::merge::executor::merge_in_memory;
 
     let text =
         std::fs::read_to_string(tasks).with_context(|| format!("reading {}", tasks.display()))?;
@@ -162,6 +160,27 @@ fn eval_command(
         .iter()
         .map(|t| Task::load(&t.relative_to(base)))
         .collect::<evomerge::Result<Vec<_>>>()?;
+    let tokenizer = evomerge::tokenizer::load_tokenizer(tokenizer_dir)?;
+    Ok(LmEvaluator::try_new(
+        loaded,
+        std::sync::Arc::from(tokenizer),
+        LmConfig::default(),
+    )?)
+}
+
+/// `evomerge eval`: build each candidate (recipes merged in memory), score both splits, print.
+fn eval_command(
+    tasks: &std::path::Path,
+    models: &[PathBuf],
+    seed: u64,
+    split: Option<&str>,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use evomerge::candidate::{Candidate, CandidateBody};
+    use evomerge::eval::Split;
+    use evomerge::eval::table::{EvalTable, PRIMARY};
+    use evomerge::merge::executor::merge_in_memory;
 
     let mut set = ModelSet::new();
     let mut candidates = Vec::new();
@@ -201,8 +220,7 @@ fn eval_command(
         }
     }
     let tokenizer_dir = tokenizer_dir.context("no model directory to take the tokenizer from")?;
-    let tokenizer = evomerge::tokenizer::load_tokenizer(&tokenizer_dir)?;
-    let evaluator = LmEvaluator::try_new(loaded, Arc::from(tokenizer), LmConfig::default())?;
+    let evaluator = lm_evaluator(tasks, &tokenizer_dir)?;
     let splits = match split {
         None => vec![Split::Dev, Split::Test],
         Some("dev") => vec![Split::Dev],
@@ -409,9 +427,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Soup {
             out,
-            models,
+            mut models,
             out_dtype,
+            greedy,
         } => {
+            if let Some(tasks) = greedy {
+                let evaluator = lm_evaluator(&tasks, &models[0])?;
+                let loaded = models
+                    .iter()
+                    .map(|m| evomerge::align::load_dir(m))
+                    .collect::<evomerge::Result<Vec<_>>>()?;
+                let refs: Vec<_> = loaded.iter().collect();
+                let soup = evomerge::merge::soup::greedy_soup(&refs, &evaluator)?;
+                for (m, score) in models.iter().zip(&soup.individual) {
+                    eprintln!("dev {score:.4}  {}", m.display());
+                }
+                eprintln!(
+                    "greedy soup: {} of {} models, dev {:.4}",
+                    soup.members.len(),
+                    models.len(),
+                    soup.score
+                );
+                models = soup.members.iter().map(|&i| models[i].clone()).collect();
+            }
             let cwd = std::env::current_dir().context("current directory")?;
             let mut yaml = String::from("merge_method: linear\nmodels:\n");
             for m in &models {
