@@ -28,10 +28,11 @@ use rayon::prelude::*;
 use crate::candidate::{MemModel, TensorMap};
 use crate::error::{Error, Result};
 use crate::merge::plan::{Plan, PlannedTensor, SourceRef, plan};
+use crate::merge::stream::{Chunk, STREAM_CHUNK, Stream, StreamSpec, chunk_count, chunk_range};
 use crate::merge::{MergeInput, tensor_seed};
 use crate::recipe::Recipe;
 use crate::store::reader::{HeaderEntry, parse_header};
-use crate::store::{ModelSet, ModelWriter, TensorInfo, WriteConfig};
+use crate::store::{ModelSet, ModelWriter, TensorInfo, TensorSource, WriteConfig};
 use crate::tensor::{DType, TensorBuf};
 
 /// Options for running a merge.
@@ -65,11 +66,33 @@ impl Default for MergeOptions {
 pub trait Sink: Sync {
     /// Take one finished output tensor.
     fn put(&self, tensor: &PlannedTensor, values: Vec<f32>) -> Result<()>;
+    /// Whether the sink takes tensors in pieces ([`Sink::put_range`]), so a streamed merge can
+    /// hand over each chunk as soon as it is merged.
+    fn takes_ranges(&self) -> bool {
+        false
+    }
+    /// Take elements `start .. start + values.len()` of an output tensor (flattened). Called
+    /// only when [`Sink::takes_ranges`]; a tensor is complete once all its elements arrived.
+    fn put_range(&self, tensor: &PlannedTensor, start: usize, values: &[f32]) -> Result<()> {
+        let _ = (start, values);
+        Err(Error::Tensor {
+            tensor: tensor.name.clone(),
+            msg: "this sink takes whole tensors only".into(),
+        })
+    }
 }
 
 impl Sink for ModelWriter {
     fn put(&self, tensor: &PlannedTensor, values: Vec<f32>) -> Result<()> {
         self.write(&tensor.name, &values)
+    }
+
+    fn takes_ranges(&self) -> bool {
+        true
+    }
+
+    fn put_range(&self, tensor: &PlannedTensor, start: usize, values: &[f32]) -> Result<()> {
+        self.write_range(&tensor.name, start, values)
     }
 }
 
@@ -169,7 +192,9 @@ fn recycle_large_buffers() {
 }
 
 /// Run a plan: merge every output tensor (in parallel) and hand each to `sink` when ready.
-/// Stops at the first error; the error names the tensor.
+/// A method that streams ([`crate::merge::MergeMethod::stream`]) runs chunk by chunk, reading
+/// each chunk of its inputs just before merging it; other methods get whole tensors, within the
+/// in-flight byte budget. Stops at the first error; the error names the tensor.
 pub fn execute(
     plan: &Plan,
     models: &ModelSet,
@@ -183,17 +208,149 @@ pub fn execute(
     let aux_files = AuxFiles::default();
     plan.tensors.par_iter().try_for_each(|t| {
         let numel: usize = t.shape.iter().product();
-        let inputs = t.models.len() + usize::from(t.base.is_some()) + 1;
-        let _permit = budget.acquire(numel * 4 * inputs);
-        let values = merge_one(plan, t, models, &aux_files, seed)?;
-        sink.put(t, values)?;
+        let spec = StreamSpec {
+            tensor: &t.name,
+            shape: &t.shape,
+            has_base: t.base.is_some(),
+            models: t.models.len(),
+            model_params: &t.model_params,
+            global: &t.global,
+            seed: tensor_seed(seed, &t.name),
+        };
+        // aux data (Fisher, Gram) is per tensor, not per chunk: such methods take whole tensors
+        let stream = if t.aux.is_empty() {
+            plan.method
+                .stream(&spec)
+                .map_err(|e| in_tensor(plan, t, e))?
+        } else {
+            None
+        };
+        match stream {
+            Some(stream) => run_streamed(plan, t, stream, models, &budget, sink)?,
+            None => {
+                let inputs = t.models.len() + usize::from(t.base.is_some()) + 1;
+                let _permit = budget.acquire(numel * 4 * inputs);
+                let values = merge_one(plan, t, models, &aux_files, seed)?;
+                sink.put(t, values)?;
+            }
+        }
         progress.inc(1);
         Ok(())
     })
 }
 
-/// Read one source tensor as f32.
-fn read(models: &ModelSet, src: &SourceRef, numel: usize) -> Result<Vec<f32>> {
+/// A method's error about one tensor, named once: errors that already name the tensor (or the
+/// method) pass through, others get the tensor and method prefixed.
+fn in_tensor(plan: &Plan, t: &PlannedTensor, e: Error) -> Error {
+    match e {
+        Error::Tensor { .. } | Error::Method { .. } => e,
+        other => Error::Tensor {
+            tensor: t.name.clone(),
+            msg: format!("{}: {other}", plan.method.name()),
+        },
+    }
+}
+
+/// Per-thread buffers for one chunk of a streamed merge's inputs and output.
+#[derive(Default)]
+struct ChunkBufs {
+    base: Vec<f32>,
+    models: Vec<Vec<f32>>,
+    out: Vec<f32>,
+}
+
+/// Merge one tensor chunk by chunk: the stream's statistics passes, then every chunk merged and
+/// handed to the sink (in pieces when it takes them, else assembled first).
+fn run_streamed(
+    plan: &Plan,
+    t: &PlannedTensor,
+    mut stream: Box<dyn Stream>,
+    models: &ModelSet,
+    budget: &InFlight,
+    sink: &dyn Sink,
+) -> Result<()> {
+    let n: usize = t.shape.iter().product();
+    let total = chunk_count(n);
+    let base = match (&t.base, stream.uses_base()) {
+        (Some(b), true) => Some((source(models, b, n)?, b)),
+        _ => None,
+    };
+    let inputs = t
+        .models
+        .iter()
+        .map(|m| Ok((source(models, m, n)?, m)))
+        .collect::<Result<Vec<_>>>()?;
+    // read chunk `c` into `bufs` and call `f` on it
+    let with_chunk = |c: usize,
+                      bufs: &mut ChunkBufs,
+                      f: &mut dyn FnMut(&Chunk<'_>, &mut Vec<f32>) -> Result<()>|
+     -> Result<()> {
+        let r = chunk_range(c, n);
+        let len = r.len();
+        bufs.models.resize_with(inputs.len(), Vec::new);
+        for ((model, src), buf) in inputs.iter().zip(&mut bufs.models) {
+            buf.resize(len, 0.0);
+            model.read_range_into(&src.tensor, r.start, buf)?;
+        }
+        if let Some((model, src)) = &base {
+            bufs.base.resize(len, 0.0);
+            model.read_range_into(&src.tensor, r.start, &mut bufs.base)?;
+        }
+        let views: Vec<&[f32]> = bufs.models.iter().map(Vec::as_slice).collect();
+        let chunk = Chunk {
+            index: c,
+            start: r.start,
+            base: base.as_ref().map(|_| bufs.base.as_slice()),
+            models: &views,
+        };
+        f(&chunk, &mut bufs.out).map_err(|e| in_tensor(plan, t, e))
+    };
+
+    let mut partials = Vec::new();
+    while let Some(pass) = stream
+        .next_pass(partials)
+        .map_err(|e| in_tensor(plan, t, e))?
+    {
+        let stream = &*stream;
+        partials = pass
+            .chunks(total)
+            .into_par_iter()
+            .map_init(ChunkBufs::default, |bufs, c| {
+                let mut part = None;
+                with_chunk(c, bufs, &mut |chunk, _| {
+                    part = Some(stream.observe(chunk)?);
+                    Ok(())
+                })?;
+                Ok(part.expect("observed"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+    }
+    let stream = &*stream;
+    if sink.takes_ranges() {
+        (0..total)
+            .into_par_iter()
+            .try_for_each_init(ChunkBufs::default, |bufs, c| {
+                with_chunk(c, bufs, &mut |chunk, out| {
+                    out.resize(chunk.len(), 0.0);
+                    stream.apply(chunk, out)?;
+                    sink.put_range(t, chunk.start, out)
+                })
+            })
+    } else {
+        let _permit = budget.acquire(n * 4);
+        let mut values = vec![0f32; n];
+        values
+            .par_chunks_mut(STREAM_CHUNK)
+            .enumerate()
+            .try_for_each_init(ChunkBufs::default, |bufs, (c, o)| {
+                with_chunk(c, bufs, &mut |chunk, _| stream.apply(chunk, o))
+            })?;
+        sink.put(t, values)
+    }
+}
+
+/// The opened model holding `src`, checked to have `numel` elements.
+fn source(models: &ModelSet, src: &SourceRef, numel: usize) -> Result<Arc<dyn TensorSource>> {
     let model = models.get(&src.model).ok_or_else(|| {
         Error::msg(format!(
             "model {} was not opened by the planner",
@@ -217,6 +374,12 @@ fn read(models: &ModelSet, src: &SourceRef, numel: usize) -> Result<Vec<f32>> {
             ),
         });
     }
+    Ok(model)
+}
+
+/// Read one source tensor as f32.
+fn read(models: &ModelSet, src: &SourceRef, numel: usize) -> Result<Vec<f32>> {
+    let model = source(models, src, numel)?;
     let mut out = vec![0f32; numel];
     model.read_into(&src.tensor, &mut out)?;
     Ok(out)
@@ -256,10 +419,10 @@ fn merge_one(
         aux: aux.iter().map(|a| a.as_deref()).collect(),
         seed: tensor_seed(seed, &t.name),
     };
-    let out = plan.method.merge(&input).map_err(|e| Error::Tensor {
-        tensor: t.name.clone(),
-        msg: format!("{}: {e}", plan.method.name()),
-    })?;
+    let out = plan
+        .method
+        .merge(&input)
+        .map_err(|e| in_tensor(plan, t, e))?;
     if out.len() != numel {
         return Err(Error::Tensor {
             tensor: t.name.clone(),

@@ -13,9 +13,8 @@
 //! `models` gives it a weight like any other input, and the executor passes it among
 //! [`MergeInput::models`]. A separate [`MergeInput::base`] is ignored.
 
-use rayon::prelude::*;
-
-use super::util::{CHUNK, check, global_flag, per_model, tensor_err};
+use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, run_in_memory};
+use super::util::{check, check_spec, global_flag, per_model, tensor_err};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
 
@@ -59,35 +58,64 @@ impl MergeMethod for Linear {
 
     fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>> {
         let n = check(self, input)?;
+        let stream = self.stream(&input.spec())?.expect("linear always streams");
+        run_in_memory(stream, n, None, &input.models)
+    }
+
+    fn stream(&self, spec: &StreamSpec<'_>) -> Result<Option<Box<dyn Stream>>> {
+        check_spec(self, spec)?;
         let name = self.name();
-        let weights = (0..input.models.len())
-            .map(|j| per_model(name, input, j, "weight").map(|w| w as f32))
+        let weights = (0..spec.models)
+            .map(|j| per_model(name, spec, j, "weight").map(|w| w as f32))
             .collect::<Result<Vec<f32>>>()?;
-        let normalize = global_flag(name, input, "normalize")?;
+        let normalize = global_flag(name, spec, "normalize")?;
         let total: f32 = weights.iter().sum();
         if normalize && total == 0.0 {
             return Err(tensor_err(
                 name,
-                input.tensor,
+                spec.tensor,
                 format!("weights {weights:?} sum to zero, cannot normalize"),
             ));
         }
-        let mut out = vec![0.0f32; n];
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-            let start = c * CHUNK;
-            for (m, &w) in input.models.iter().zip(&weights) {
-                let x = &m[start..start + o.len()];
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o += w * x;
-                }
+        Ok(Some(Box::new(LinearStream {
+            weights,
+            divisor: normalize.then_some(total),
+        })))
+    }
+}
+
+/// The weighted sum of one chunk: elementwise, no statistics pass.
+struct LinearStream {
+    weights: Vec<f32>,
+    divisor: Option<f32>,
+}
+
+impl Stream for LinearStream {
+    fn next_pass(&mut self, _: Vec<Partial>) -> Result<Option<Pass>> {
+        Ok(None)
+    }
+
+    fn observe(&self, _: &Chunk<'_>) -> Result<Partial> {
+        unreachable!("linear asks for no pass")
+    }
+
+    fn uses_base(&self) -> bool {
+        false
+    }
+
+    fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
+        out.fill(0.0);
+        for (m, &w) in chunk.models.iter().zip(&self.weights) {
+            for (o, &x) in out.iter_mut().zip(*m) {
+                *o += w * x;
             }
-            if normalize {
-                for o in o.iter_mut() {
-                    *o /= total;
-                }
+        }
+        if let Some(total) = self.divisor {
+            for o in out.iter_mut() {
+                *o /= total;
             }
-        });
-        Ok(out)
+        }
+        Ok(())
     }
 }
 

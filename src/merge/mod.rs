@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
+use stream::{Stream, StreamSpec};
 
 pub mod executor;
 pub mod fisher;
@@ -19,9 +20,11 @@ pub mod nuslerp;
 pub mod passthrough;
 pub mod plan;
 pub mod regmean;
+mod select;
 pub mod slerp;
 pub mod soup;
 pub mod sparsify;
+pub mod stream;
 pub mod task_arithmetic;
 mod util;
 
@@ -109,6 +112,21 @@ pub struct MergeInput<'a> {
     pub seed: u64,
 }
 
+impl MergeInput<'_> {
+    /// Everything but the values.
+    pub fn spec(&self) -> StreamSpec<'_> {
+        StreamSpec {
+            tensor: self.tensor,
+            shape: self.shape,
+            has_base: self.base.is_some(),
+            models: self.models.len(),
+            model_params: &self.model_params,
+            global: &self.global,
+            seed: self.seed,
+        }
+    }
+}
+
 /// A merge method: a formula from the literature applied to one tensor at a time.
 pub trait MergeMethod: Send + Sync {
     /// The registry key, as in mergekit (`ties`, `dare_ties`, ...).
@@ -125,6 +143,13 @@ pub trait MergeMethod: Send + Sync {
     }
     /// Merge one tensor. The output has `input.shape`'s element count.
     fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>>;
+    /// This tensor's merge as a [`Stream`] (chunk by chunk, see [`stream`]) when the method,
+    /// with these parameters, can run that way; it must give exactly what `merge` gives. `None`
+    /// (the default) makes the executor hand whole tensors to `merge`.
+    fn stream(&self, spec: &StreamSpec<'_>) -> Result<Option<Box<dyn Stream>>> {
+        let _ = spec;
+        Ok(None)
+    }
 }
 
 /// A stable 64-bit seed for one tensor from the run seed and the tensor's name (FNV-1a).

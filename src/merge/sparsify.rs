@@ -1,11 +1,12 @@
 //! Sparsification of task vectors `δ = θ − θ_base`, the first stage of the task-arithmetic
-//! family (see [`super::task_arithmetic`]). Each method decides which entries of δ survive and
-//! returns a bitset; nothing here materialises δ, it is recomputed from the two inputs.
+//! family (see [`super::task_arithmetic`]). Each method decides which entries of δ survive;
+//! nothing here materialises δ, it is recomputed from the two inputs. The merge itself streams
+//! the selection (`select.rs`: sampled bracket, one counting pass, exact cut); [`sparsify`]
+//! runs the same selection over whole tensors and returns a bitset.
 //!
 //! - [`Sparsify::Magnitude`] (TIES, Yadav et al. 2023): keep the `k = max(1, ⌊density·n⌋)`
-//!   entries of largest |δ|. Linear-time selection: a parallel 32768-bucket histogram of the
-//!   magnitudes' float bits finds the bucket holding the cut, then `select_nth_unstable` on that
-//!   bucket's few candidates gives the exact threshold — never a full sort.
+//!   entries of largest |δ| (equal magnitudes ranked in index order). Linear-time selection with
+//!   `select_nth_unstable` on the few entries near the cut — never a full sort.
 //! - [`Sparsify::Random`] (DARE, Yu et al. 2024): keep each entry with probability `density`.
 //! - [`Sparsify::Breadcrumbs`] (Davari & Belilovsky 2024): drop the `⌊gamma·n⌋` largest entries
 //!   and then the smallest, keeping `⌊density·n⌋` (the outlier drop shrinks when both do not fit).
@@ -24,7 +25,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
-use super::util::{CHUNK, chunked_sum, mix_seed};
+use super::select::{Keep, Kind, Selector, abs_bits};
+use super::stream::{chunk_count, chunk_range};
+use super::util::{chunked_sum, mix_seed};
 
 /// Which entries of a task vector survive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,14 +106,79 @@ pub fn sparsify(
             scale: 1.0,
         });
     }
-    let (kept, sums) = match kind {
+    if kind == Sparsify::Della {
+        if density <= 0.0 {
+            return Ok(Sparsified {
+                kept: Kept::Nothing,
+                scale: 1.0,
+            });
+        }
+        let eps = args.epsilon;
+        if density + eps >= 1.0 || density - eps <= 0.0 {
+            return Err(format!(
+                "della: density ± epsilon must lie in (0, 1), got density {density} \
+                 and epsilon {eps}"
+            ));
+        }
+        let w = magprune(model, base, shape, density, eps, args);
+        let scale = if args.rescale {
+            let [before, after] = l1_norms(model, base, &w);
+            if before < 1e-7 || after < 1e-7 {
+                1.0
+            } else {
+                (before / after) as f32
+            }
+        } else {
+            1.0
+        };
+        return Ok(Sparsified {
+            kept: Kept::Mask(w),
+            scale,
+        });
+    }
+    let mut sel = selector(kind, n, args);
+    sel.run(model, base);
+    let kept = match sel.keep() {
+        Keep::All => Kept::All,
+        Keep::Nothing => Kept::Nothing,
+        Keep::Bits(w) => Kept::Mask(w.clone()),
+        keep @ Keep::Window(_) => {
+            let mut w = vec![0u64; n.div_ceil(64)];
+            for c in 0..chunk_count(n) {
+                let r = chunk_range(c, n);
+                let (mc, bc) = (&model[r.clone()], &base[r.clone()]);
+                let keeps = keep.in_chunk(c, r.start, mc, bc);
+                for (k, (x, y)) in mc.iter().zip(bc).enumerate() {
+                    if keeps(k, abs_bits(x - y)) {
+                        let i = r.start + k;
+                        w[i / 64] |= 1 << (i % 64);
+                    }
+                }
+            }
+            Kept::Mask(w)
+        }
+    };
+    Ok(Sparsified {
+        kept,
+        scale: sel.scale(),
+    })
+}
+
+/// The streamed selection for a task vector of `n` entries (any kind but DELLA, whose
+/// per-row ranking needs whole rows). `density ≥ 1` keeps everything, unscaled.
+pub(crate) fn selector(kind: Sparsify, n: usize, args: &SparsifyArgs) -> Selector {
+    let density = args.density;
+    if density >= 1.0 {
+        return Selector::decided(n, Keep::All, 1.0);
+    }
+    let window = |lo: usize, hi: usize| Selector::new(n, Kind::Window { lo, hi }, args.rescale);
+    match kind {
         Sparsify::Magnitude => {
             if density <= 0.0 || n == 0 {
-                (Kept::Nothing, None)
+                Selector::decided(n, Keep::Nothing, 1.0)
             } else {
                 let k = ((density * n as f64) as usize).clamp(1, n);
-                let (w, sums) = rank_window(model, base, n - k, n);
-                (Kept::Mask(w), Some(sums))
+                window(n - k, n)
             }
         }
         Sparsify::Breadcrumbs => {
@@ -118,264 +186,22 @@ pub fn sparsify(
             let n_top = (args.gamma * n as f64) as usize;
             let n_bot = n.saturating_sub(target + n_top);
             if target == 0 {
-                (Kept::Nothing, None)
+                Selector::decided(n, Keep::Nothing, 1.0)
             } else {
-                let (w, sums) = rank_window(model, base, n_bot, (n_bot + target).min(n));
-                (Kept::Mask(w), Some(sums))
+                window(n_bot, (n_bot + target).min(n))
             }
         }
-        Sparsify::Random => {
-            if density <= 0.0 {
-                (Kept::Nothing, None)
-            } else {
-                let (w, sums) = bernoulli(model, base, density as f32, args);
-                (Kept::Mask(w), Some(sums))
-            }
-        }
-        Sparsify::Della => {
-            if density <= 0.0 {
-                (Kept::Nothing, None)
-            } else {
-                let eps = args.epsilon;
-                if density + eps >= 1.0 || density - eps <= 0.0 {
-                    return Err(format!(
-                        "della: density ± epsilon must lie in (0, 1), got density {density} \
-                         and epsilon {eps}"
-                    ));
-                }
-                let w = magprune(model, base, shape, density, eps, args);
-                let sums = args.rescale.then(|| l1_norms(model, base, &w));
-                (Kept::Mask(w), sums)
-            }
-        }
-    };
-    let scale = match (sums, args.rescale) {
-        (Some([before, after]), true) => {
-            if before < 1e-7 || after < 1e-7 {
-                1.0
-            } else {
-                (before / after) as f32
-            }
-        }
-        _ => 1.0,
-    };
-    Ok(Sparsified { kept, scale })
-}
-
-/// Where the `p`-th smallest magnitude (0-based) lies: entries below `value`, plus the first
-/// `ties` entries (in index order) equal to it, have rank `< p`. `equal` lists the indices of
-/// all entries equal to `value`, ascending.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Cut {
-    value: u32,
-    ties: usize,
-    equal: Vec<usize>,
-}
-
-const BUCKET_SHIFT: u32 = 16;
-const BUCKETS: usize = 1 << (31 - BUCKET_SHIFT);
-
-/// Bitset of the entries whose ascending magnitude rank is in `[lo, hi)` (`0 < hi ≤ n`), and
-/// `[Σ|δ|, Σ|δ_kept|]`. Three passes: histogram, gather one bucket, mask.
-fn rank_window(m: &[f32], b: &[f32], lo: usize, hi: usize) -> (Vec<u64>, [f64; 2]) {
-    let n = m.len();
-    let chunks = n.div_ceil(CHUNK);
-    let range = |c: usize| c * CHUNK..((c + 1) * CHUNK).min(n);
-    let needs_cut = |p: usize| p > 0 && p < n;
-
-    let mut lo_cut = None;
-    let mut hi_cut = None;
-    if needs_cut(lo) || needs_cut(hi) {
-        // 1. histogram of the magnitudes' top bits (sign cleared, so the order is numeric);
-        //    two interleaved tables per part keep repeated buckets from serialising
-        let parts = (rayon::current_num_threads() * 2).min(chunks).max(1);
-        let per = n.div_ceil(parts).next_multiple_of(2);
-        let hist = (0..parts)
-            .into_par_iter()
-            .map(|t| {
-                let mut h = vec![0u32; 2 * BUCKETS];
-                let r = (t * per).min(n)..((t + 1) * per).min(n);
-                let (mc, bc) = (&m[r.clone()], &b[r]);
-                let (h0, h1) = h.split_at_mut(BUCKETS);
-                let mut pairs_m = mc.chunks_exact(2);
-                let mut pairs_b = bc.chunks_exact(2);
-                for (x, y) in (&mut pairs_m).zip(&mut pairs_b) {
-                    h0[(abs_bits(x[0] - y[0]) >> BUCKET_SHIFT) as usize] += 1;
-                    h1[(abs_bits(x[1] - y[1]) >> BUCKET_SHIFT) as usize] += 1;
-                }
-                for (x, y) in pairs_m.remainder().iter().zip(pairs_b.remainder()) {
-                    h0[(abs_bits(x - y) >> BUCKET_SHIFT) as usize] += 1;
-                }
-                for i in 0..BUCKETS {
-                    h0[i] += h1[i];
-                }
-                h.truncate(BUCKETS);
-                h
-            })
-            .reduce(
-                || vec![0u32; BUCKETS],
-                |mut a, h| {
-                    for (a, h) in a.iter_mut().zip(h) {
-                        *a += h;
-                    }
-                    a
-                },
-            );
-        // the bucket holding position p, and how many entries lie in lower buckets
-        let locate = |p: usize| {
-            let mut below = 0usize;
-            for (k, &count) in hist.iter().enumerate() {
-                let count = count as usize;
-                if below + count > p {
-                    return (k as u32, below);
-                }
-                below += count;
-            }
-            unreachable!("position {p} < n lies in some bucket")
-        };
-        // 2. gather the candidates of a bucket (value, index), in index order; 3. select
-        let cut = |p: usize| -> Cut {
-            let (bucket, below) = locate(p);
-            let cand: Vec<(u32, usize)> = (0..chunks)
-                .into_par_iter()
-                .map(|c| {
-                    let r = range(c);
-                    let start = r.start;
-                    let (mc, bc) = (&m[r.clone()], &b[r]);
-                    mc.iter()
-                        .zip(bc)
-                        .enumerate()
-                        .filter_map(|(i, (x, y))| {
-                            let v = abs_bits(x - y);
-                            (v >> BUCKET_SHIFT == bucket).then_some((v, start + i))
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .flatten()
-                .collect();
-            let mut values: Vec<u32> = cand.iter().map(|c| c.0).collect();
-            let (_, &mut value, _) = values.select_nth_unstable(p - below);
-            let lower = values.iter().filter(|&&v| v < value).count();
-            Cut {
-                value,
-                ties: p - below - lower,
-                equal: cand.iter().filter(|c| c.0 == value).map(|c| c.1).collect(),
-            }
-        };
-        lo_cut = needs_cut(lo).then(|| cut(lo));
-        hi_cut = needs_cut(hi).then(|| cut(hi));
+        Sparsify::Random => Selector::new(
+            n,
+            Kind::Bernoulli {
+                p: density.max(0.0) as f32,
+                seed: args.seed,
+                model: args.model,
+            },
+            args.rescale,
+        ),
+        Sparsify::Della => unreachable!("DELLA ranks whole rows and does not stream"),
     }
-
-    // 4. the mask for entries strictly between the cut values (any value on a side without a
-    //    cut), with L1 sums; then the entries equal to a cut value, by rank
-    let lo_v = lo_cut.as_ref().map(|c| c.value);
-    let hi_v = hi_cut.as_ref().map(|c| c.value);
-    let mut words = vec![0u64; n.div_ceil(64)];
-    let parts: Vec<[f64; 2]> = words
-        .par_chunks_mut(CHUNK / 64)
-        .enumerate()
-        .map(|(c, w)| {
-            let r = range(c);
-            let (mc, bc) = (&m[r.clone()], &b[r]);
-            match (lo_v, hi_v) {
-                (Some(l), Some(h)) => fill_bits(mc, bc, w, |v| v > l && v < h),
-                (Some(l), None) => fill_bits(mc, bc, w, |v| v > l),
-                (None, Some(h)) => fill_bits(mc, bc, w, |v| v < h),
-                (None, None) => fill_bits(mc, bc, w, |_| true),
-            }
-        })
-        .collect();
-    let [before, mut after] = parts
-        .iter()
-        .fold([0.0; 2], |a, p| [a[0] + p[0], a[1] + p[1]]);
-    let mut set = |i: usize, v: u32| {
-        words[i / 64] |= 1 << (i % 64);
-        after += f64::from(f32::from_bits(v));
-    };
-    match (&lo_cut, &hi_cut) {
-        (Some(l), Some(h)) if l.value == h.value => {
-            // both cuts inside one run of equal values: ranks lo..hi of that run
-            for &i in &l.equal[l.ties..h.ties] {
-                set(i, l.value);
-            }
-        }
-        (l, h) => {
-            if let Some(l) = l {
-                // equal to the lower cut: kept from its `ties`-th on (all below `hi`)
-                for &i in &l.equal[l.ties..] {
-                    set(i, l.value);
-                }
-            }
-            if let Some(h) = h {
-                // equal to the upper cut: the first `ties` have rank < hi
-                for &i in &h.equal[..h.ties] {
-                    set(i, h.value);
-                }
-            }
-        }
-    }
-    (words, [before, after])
-}
-
-#[inline]
-fn abs_bits(x: f32) -> u32 {
-    x.to_bits() & 0x7fff_ffff
-}
-
-/// Set bits of `w` where `keep(|m − b| bits)`; returns `[Σ|δ|, Σ|δ_kept|]` (`f32` lanes within
-/// 64 entries, `f64` across). Fixed-size groups with constant shifts, so the loop vectorises.
-#[inline]
-fn fill_bits(m: &[f32], b: &[f32], w: &mut [u64], keep: impl Fn(u32) -> bool) -> [f64; 2] {
-    let (mut before, mut after) = (0.0f64, 0.0f64);
-    let mut groups_m = m.chunks_exact(64);
-    let mut groups_b = b.chunks_exact(64);
-    for (g, (m64, b64)) in (&mut groups_m).zip(&mut groups_b).enumerate() {
-        let mut word = 0u64;
-        let mut all = [0.0f32; 8];
-        let mut kept = [0.0f32; 8];
-        for (q, (m8, b8)) in m64.chunks_exact(8).zip(b64.chunks_exact(8)).enumerate() {
-            let m8: &[f32; 8] = m8.try_into().expect("8 entries");
-            let b8: &[f32; 8] = b8.try_into().expect("8 entries");
-            let mut v = [0u32; 8];
-            for k in 0..8 {
-                v[k] = abs_bits(m8[k] - b8[k]);
-            }
-            let mut flag = [0u32; 8];
-            for k in 0..8 {
-                flag[k] = u32::from(keep(v[k]));
-            }
-            let mut byte = 0u32;
-            for k in 0..8 {
-                all[k] += f32::from_bits(v[k]);
-                kept[k] += f32::from_bits(v[k]) * flag[k] as f32;
-                byte |= flag[k] << k;
-            }
-            word |= u64::from(byte) << (q * 8);
-        }
-        w[g] = word;
-        before += f64::from(all.iter().sum::<f32>());
-        after += f64::from(kept.iter().sum::<f32>());
-    }
-    let full = m.len() / 64;
-    let mut word = 0u64;
-    for (k, (&x, &y)) in groups_m
-        .remainder()
-        .iter()
-        .zip(groups_b.remainder())
-        .enumerate()
-    {
-        let v = abs_bits(x - y);
-        let a = f64::from(f32::from_bits(v));
-        before += a;
-        if keep(v) {
-            word |= 1 << k;
-            after += a;
-        }
-    }
-    if !m.len().is_multiple_of(64) {
-        w[full] = word;
-    }
-    [before, after]
 }
 
 /// `[Σ|δ|, Σ|δ_kept|]` over the whole tensor for a given mask (deterministic chunked sum).
@@ -397,36 +223,6 @@ fn l1_norms(m: &[f32], b: &[f32], words: &[u64]) -> [f64; 2] {
         }
         [before, after]
     })
-}
-
-/// DARE's mask: each entry survives with probability `p` (and the L1 sums).
-fn bernoulli(m: &[f32], b: &[f32], p: f32, args: &SparsifyArgs) -> (Vec<u64>, [f64; 2]) {
-    let n = m.len();
-    let mut words = vec![0u64; n.div_ceil(64)];
-    let parts: Vec<[f64; 2]> = words
-        .par_chunks_mut(CHUNK / 64)
-        .enumerate()
-        .map(|(c, w)| {
-            let mut rng = StdRng::seed_from_u64(mix_seed(args.seed, args.model, c as u64));
-            let r = c * CHUNK..((c + 1) * CHUNK).min(n);
-            let len = r.len();
-            for off in 0..len {
-                if rng.random::<f32>() < p {
-                    w[off / 64] |= 1 << (off % 64);
-                }
-            }
-            if args.rescale {
-                let words_here: &[u64] = w;
-                l1_norms(&m[r.clone()], &b[r], words_here)
-            } else {
-                [0.0; 2]
-            }
-        })
-        .collect();
-    let sums = parts
-        .iter()
-        .fold([0.0; 2], |a, p| [a[0] + p[0], a[1] + p[1]]);
-    (words, sums)
 }
 
 /// DELLA's MAGPRUNE mask: rank-dependent keep probabilities within each row.

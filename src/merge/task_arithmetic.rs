@@ -33,14 +33,18 @@
 //! `epsilon` in [0, 0.5]) are the search's gene bounds; a recipe may use any value, as in
 //! mergekit (negative weights negate a task vector).
 //!
-//! The merge is one fused pass over the tensor in chunks (rayon): task vectors are recomputed
-//! from the inputs, nothing of the tensor's size is allocated except the output and one bitset
-//! per sparsified model.
+//! Every preset but DELLA streams (see [`super::stream`]): the selection passes of
+//! [`super::sparsify`] (none for `task_arithmetic`; a sampled and a counting pass for TIES and
+//! Breadcrumbs; a mask pass for DARE), then one fused pass per chunk — task vectors recomputed
+//! from the inputs, weighted, elected, summed, normalised — so nothing of the tensor's size is
+//! held but DARE's bitset (one bit per entry). DELLA ranks whole rows and takes whole tensors.
 
 use rayon::prelude::*;
 
-use super::sparsify::{Kept, Sparsified, Sparsify, SparsifyArgs, sparsify};
-use super::util::{CHUNK, base, check, global, global_flag, per_model, tensor_err};
+use super::select::{Keep, Part, Selector, abs_bits};
+use super::sparsify::{Kept, Sparsify, SparsifyArgs, selector, sparsify};
+use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, downcast, run_in_memory};
+use super::util::{base, check, check_spec, global, global_flag, per_model, tensor_err};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
 
@@ -247,122 +251,225 @@ impl MergeMethod for TaskArithmetic {
     fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>> {
         let n = check(self, input)?;
         let b = base(self, input)?;
+        if let Some(stream) = self.stream(&input.spec())? {
+            return run_in_memory(stream, n, Some(b), &input.models);
+        }
+        // DELLA: MAGPRUNE masks from whole rows first, then the same fused pass
         let name = self.name();
-        let models = &input.models;
-        let k = models.len();
-        let normalize = global_flag(name, input, "normalize")?;
+        let spec = input.spec();
+        let kind = self
+            .preset
+            .sparsify
+            .expect("only sparsifying presets take whole tensors");
         let rescale = global_flag(name, input, "rescale")?;
-        let lambda = global(name, input, "lambda")? as f32;
-        let weights = (0..k)
-            .map(|j| per_model(name, input, j, "weight").map(|w| w as f32))
-            .collect::<Result<Vec<f32>>>()?;
-
-        // 1. sparsify each task vector (models in parallel; each also parallel inside)
-        let sparse: Vec<Sparsified> = match self.preset.sparsify {
-            None => vec![
-                Sparsified {
-                    kept: Kept::All,
-                    scale: 1.0,
+        let selectors = (0..input.models.len())
+            .into_par_iter()
+            .map(|j| {
+                let args = self.sparsify_args(&spec, j, rescale)?;
+                let s = sparsify(kind, input.models[j], b, input.shape, &args)
+                    .map_err(|e| tensor_err(name, input.tensor, format!("model {j}: {e}")))?;
+                let keep = match s.kept {
+                    Kept::All => Keep::All,
+                    Kept::Nothing => Keep::Nothing,
+                    Kept::Mask(words) => Keep::Bits(words),
                 };
-                k
-            ],
-            Some(kind) => (0..k)
-                .into_par_iter()
-                .map(|j| {
-                    let get = |p: &str| -> Result<f64> {
-                        if self.params().iter().any(|d| d.name == p) {
-                            per_model(name, input, j, p)
-                        } else {
-                            Ok(0.0)
-                        }
-                    };
-                    let args = SparsifyArgs {
-                        density: get("density")?,
-                        gamma: get("gamma")?,
-                        epsilon: get("epsilon")?,
-                        rescale,
-                        seed: input.seed,
-                        model: j as u64,
-                    };
-                    sparsify(kind, models[j], b, input.shape, &args)
-                        .map_err(|e| tensor_err(name, input.tensor, format!("model {j}: {e}")))
-                })
-                .collect::<Result<Vec<_>>>()?,
-        };
+                Ok(Selector::decided(n, keep, s.scale))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let stream = self.pipeline(&spec, selectors)?;
+        run_in_memory(Box::new(stream), n, Some(b), &input.models)
+    }
 
-        // 2. one fused pass: weight, consensus, sum, normalize, λ, + base
-        let consensus = self.preset.consensus;
+    fn stream(&self, spec: &StreamSpec<'_>) -> Result<Option<Box<dyn Stream>>> {
+        check_spec(self, spec)?;
+        if self.preset.sparsify == Some(Sparsify::Della) {
+            return Ok(None);
+        }
+        let n = spec.numel();
+        let rescale = global_flag(self.name(), spec, "rescale")?;
+        let selectors = (0..spec.models)
+            .map(|j| match self.preset.sparsify {
+                None => Ok(Selector::decided(n, Keep::All, 1.0)),
+                Some(kind) => Ok(selector(kind, n, &self.sparsify_args(spec, j, rescale)?)),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Box::new(self.pipeline(spec, selectors)?)))
+    }
+}
+
+impl TaskArithmetic {
+    /// Model `j`'s sparsification parameters (those the preset does not declare are 0).
+    fn sparsify_args(
+        &self,
+        spec: &StreamSpec<'_>,
+        j: usize,
+        rescale: bool,
+    ) -> Result<SparsifyArgs> {
+        let get = |p: &str| -> Result<f64> {
+            if self.params().iter().any(|d| d.name == p) {
+                per_model(self.name(), spec, j, p)
+            } else {
+                Ok(0.0)
+            }
+        };
+        Ok(SparsifyArgs {
+            density: get("density")?,
+            gamma: get("gamma")?,
+            epsilon: get("epsilon")?,
+            rescale,
+            seed: spec.seed,
+            model: j as u64,
+        })
+    }
+
+    /// The fused pipeline over one tensor, given each model's selection.
+    fn pipeline(&self, spec: &StreamSpec<'_>, selectors: Vec<Selector>) -> Result<TaStream> {
+        let name = self.name();
+        let weights = (0..spec.models)
+            .map(|j| per_model(name, spec, j, "weight").map(|w| w as f32))
+            .collect::<Result<Vec<f32>>>()?;
         let mut total: f32 = weights.iter().sum();
         if total.abs() < 1e-8 {
             total = 1.0;
         }
-        let mut out = vec![0.0f32; n];
-        out.par_chunks_mut(CHUNK).enumerate().for_each_init(
-            || vec![0.0f32; (k + 2) * CHUNK],
-            |scratch, (c, o)| {
-                let start = c * CHUNK;
-                let len = o.len();
-                let bb = &b[start..start + len];
-                let (deltas, rest) = scratch.split_at_mut(k * CHUNK);
-                let (sum, div) = rest.split_at_mut(CHUNK);
-                let (sum, div) = (&mut sum[..len], &mut div[..len]);
-                for (j, s) in sparse.iter().enumerate() {
-                    let d = &mut deltas[j * CHUNK..j * CHUNK + len];
-                    let m = &models[j][start..start + len];
-                    let (scale, w) = (s.scale, weights[j]);
-                    match &s.kept {
-                        Kept::All => {
-                            for ((d, &m), &b) in d.iter_mut().zip(m).zip(bb) {
-                                *d = (m - b) * scale * w;
-                            }
+        Ok(TaStream {
+            active: vec![false; spec.models],
+            selectors,
+            weights,
+            lambda: global(name, spec, "lambda")? as f32,
+            normalize: global_flag(name, spec, "normalize")?,
+            consensus: self.preset.consensus,
+            total,
+        })
+    }
+}
+
+/// The streamed pipeline: the selectors' passes, then the fused per-chunk merge.
+struct TaStream {
+    selectors: Vec<Selector>,
+    /// Which selectors take part in the current pass.
+    active: Vec<bool>,
+    weights: Vec<f32>,
+    lambda: f32,
+    normalize: bool,
+    consensus: bool,
+    /// Σ w_j (1 when |Σ| < 1e-8).
+    total: f32,
+}
+
+thread_local! {
+    /// Per-thread scratch for one chunk: the models' weighted task vectors, their sum, the
+    /// elected weights.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Stream for TaStream {
+    fn next_pass(&mut self, partials: Vec<Partial>) -> Result<Option<Pass>> {
+        if !partials.is_empty() {
+            let k = self.selectors.len();
+            let mut per_model: Vec<Vec<Part>> = (0..k).map(|_| Vec::new()).collect();
+            for chunk in downcast::<Vec<Option<Part>>>(partials) {
+                for (j, part) in chunk.into_iter().enumerate() {
+                    if let Some(p) = part {
+                        per_model[j].push(p);
+                    }
+                }
+            }
+            for ((sel, parts), active) in self.selectors.iter_mut().zip(per_model).zip(&self.active)
+            {
+                if *active {
+                    sel.absorb(parts);
+                }
+            }
+        }
+        let wants: Vec<Option<Pass>> = self.selectors.iter().map(Selector::pass).collect();
+        self.active = wants.iter().map(Option::is_some).collect();
+        Ok(if wants.iter().all(Option::is_none) {
+            None
+        } else if wants.contains(&Some(Pass::All)) {
+            Some(Pass::All)
+        } else {
+            wants.into_iter().flatten().next()
+        })
+    }
+
+    fn observe(&self, chunk: &Chunk<'_>) -> Result<Partial> {
+        let b = chunk.base.expect("the task-arithmetic family has a base");
+        let parts: Vec<Option<Part>> = self
+            .selectors
+            .iter()
+            .zip(&self.active)
+            .zip(chunk.models)
+            .map(|((sel, &active), m)| active.then(|| sel.observe(chunk.index, chunk.start, m, b)))
+            .collect();
+        Ok(Box::new(parts))
+    }
+
+    fn apply(&self, chunk: &Chunk<'_>, o: &mut [f32]) -> Result<()> {
+        let bb = chunk.base.expect("the task-arithmetic family has a base");
+        let (start, len, k) = (chunk.start, o.len(), self.selectors.len());
+        let lambda = self.lambda;
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.resize((k + 2) * len, 0.0);
+            let (deltas, rest) = scratch.split_at_mut(k * len);
+            let (sum, div) = rest.split_at_mut(len);
+            for (j, sel) in self.selectors.iter().enumerate() {
+                let d = &mut deltas[j * len..(j + 1) * len];
+                let m = chunk.models[j];
+                let (scale, w) = (sel.scale(), self.weights[j]);
+                match sel.keep() {
+                    Keep::All => {
+                        for ((d, &m), &b) in d.iter_mut().zip(m).zip(bb) {
+                            *d = (m - b) * scale * w;
                         }
-                        Kept::Nothing => d.fill(0.0),
-                        Kept::Mask(words) => {
-                            let words = &words[start / 64..];
-                            masked_deltas(d, m, bb, words, scale, w);
+                    }
+                    Keep::Nothing => d.fill(0.0),
+                    Keep::Bits(words) => masked_deltas(d, m, bb, &words[start / 64..], scale, w),
+                    Keep::Window(rule) => {
+                        let rule = rule.local(chunk.index, m, bb);
+                        for (i, ((d, &m), &b)) in d.iter_mut().zip(m).zip(bb).enumerate() {
+                            let x = m - b;
+                            // × 1.0 or × 0.0, as in `masked_deltas`
+                            let keep = u32::from(rule.keeps(abs_bits(x), i as u32)) as f32;
+                            *d = x * scale * w * keep;
                         }
                     }
                 }
-                if consensus {
-                    sum.fill(0.0);
-                    div.fill(0.0);
-                    o.fill(0.0);
-                    for j in 0..k {
-                        for (s, &d) in sum.iter_mut().zip(&deltas[j * CHUNK..j * CHUNK + len]) {
-                            *s += d;
-                        }
-                    }
-                    for (j, &w) in weights.iter().enumerate() {
-                        elect(
-                            &mut o[..len],
-                            &mut div[..len],
-                            &sum[..len],
-                            &deltas[j * CHUNK..j * CHUNK + len],
-                            w,
-                        );
-                    }
-                    for ((o, &dv), &b) in o.iter_mut().zip(&*div).zip(bb) {
-                        let mut x = *o;
-                        if normalize {
-                            x /= if dv == 0.0 { 1.0 } else { dv };
-                        }
-                        *o = b + x * lambda;
-                    }
-                } else {
-                    o.copy_from_slice(&deltas[..len]);
-                    for j in 1..k {
-                        for (o, &d) in o.iter_mut().zip(&deltas[j * CHUNK..j * CHUNK + len]) {
-                            *o += d;
-                        }
-                    }
-                    let inv = if normalize { total } else { 1.0 };
-                    for (o, &b) in o.iter_mut().zip(bb) {
-                        *o = b + (*o / inv) * lambda;
+            }
+            if self.consensus {
+                sum.fill(0.0);
+                div.fill(0.0);
+                o.fill(0.0);
+                for d in deltas.chunks_exact(len) {
+                    for (s, &d) in sum.iter_mut().zip(d) {
+                        *s += d;
                     }
                 }
-            },
-        );
-        Ok(out)
+                for (d, &w) in deltas.chunks_exact(len).zip(&self.weights) {
+                    elect(o, div, sum, d, w);
+                }
+                for ((o, &dv), &b) in o.iter_mut().zip(&*div).zip(bb) {
+                    let mut x = *o;
+                    if self.normalize {
+                        x /= if dv == 0.0 { 1.0 } else { dv };
+                    }
+                    *o = b + x * lambda;
+                }
+            } else {
+                o.copy_from_slice(&deltas[..len]);
+                for d in deltas.chunks_exact(len).skip(1) {
+                    for (o, &d) in o.iter_mut().zip(d) {
+                        *o += d;
+                    }
+                }
+                let inv = if self.normalize { self.total } else { 1.0 };
+                for (o, &b) in o.iter_mut().zip(bb) {
+                    *o = b + (*o / inv) * lambda;
+                }
+            }
+        });
+        Ok(())
     }
 }
 

@@ -6,7 +6,8 @@
 
 use rayon::prelude::*;
 
-use super::{BaseUse, MergeInput, MergeMethod};
+use super::stream::StreamSpec;
+use super::{BaseUse, MergeInput, MergeMethod, Params};
 use crate::error::{Error, Result};
 
 /// Elements per parallel work item. A multiple of 64, so chunks start on a bitset word.
@@ -20,13 +21,45 @@ pub(crate) fn tensor_err(method: &str, tensor: &str, msg: impl std::fmt::Display
     }
 }
 
-/// Validate what every method needs: model count, base presence, one element count for all
-/// inputs, per-model parameters parallel to the models. Returns the element count.
-pub(crate) fn check(method: &dyn MergeMethod, input: &MergeInput<'_>) -> Result<usize> {
+/// Parameter access shared by whole-tensor inputs ([`MergeInput`]) and stream specs
+/// ([`StreamSpec`]).
+pub(crate) trait Args {
+    fn tensor_name(&self) -> &str;
+    fn global_params(&self) -> &Params;
+    fn per_model_params(&self) -> &[Params];
+}
+
+impl Args for MergeInput<'_> {
+    fn tensor_name(&self) -> &str {
+        self.tensor
+    }
+    fn global_params(&self) -> &Params {
+        &self.global
+    }
+    fn per_model_params(&self) -> &[Params] {
+        &self.model_params
+    }
+}
+
+impl Args for StreamSpec<'_> {
+    fn tensor_name(&self) -> &str {
+        self.tensor
+    }
+    fn global_params(&self) -> &Params {
+        self.global
+    }
+    fn per_model_params(&self) -> &[Params] {
+        self.model_params
+    }
+}
+
+/// Validate what every method needs before seeing data: model count, base presence, per-model
+/// parameters parallel to the models. Returns the element count.
+pub(crate) fn check_spec(method: &dyn MergeMethod, spec: &StreamSpec<'_>) -> Result<usize> {
     let name = method.name();
-    let n: usize = input.shape.iter().product();
+    let n = spec.numel();
     let (min, max) = method.model_count();
-    let count = input.models.len();
+    let count = spec.models;
     if count < min || max.is_some_and(|m| count > m) {
         let want = match max {
             Some(m) if m == min => format!("exactly {min}"),
@@ -42,26 +75,34 @@ pub(crate) fn check(method: &dyn MergeMethod, input: &MergeInput<'_>) -> Result<
             method: name.to_string(),
             msg: format!(
                 "tensor `{}`: needs {want} model(s){base}, got {count}",
-                input.tensor
+                spec.tensor
             ),
         });
     }
-    if method.base() == BaseUse::Required && input.base.is_none() {
+    if method.base() == BaseUse::Required && !spec.has_base {
         return Err(Error::Method {
             method: name.to_string(),
-            msg: format!("tensor `{}`: needs a base_model", input.tensor),
+            msg: format!("tensor `{}`: needs a base_model", spec.tensor),
         });
     }
-    if input.model_params.len() != count {
+    if spec.model_params.len() != count {
         return Err(tensor_err(
             name,
-            input.tensor,
+            spec.tensor,
             format!(
                 "{} per-model parameter sets for {count} models",
-                input.model_params.len()
+                spec.model_params.len()
             ),
         ));
     }
+    Ok(n)
+}
+
+/// Validate a whole-tensor input: [`check_spec`], and one element count for all inputs.
+/// Returns the element count.
+pub(crate) fn check(method: &dyn MergeMethod, input: &MergeInput<'_>) -> Result<usize> {
+    let name = method.name();
+    let n = check_spec(method, &input.spec())?;
     if let Some(b) = input.base
         && b.len() != n
     {
@@ -100,23 +141,23 @@ pub(crate) fn base<'a>(method: &dyn MergeMethod, input: &MergeInput<'a>) -> Resu
 }
 
 /// A global parameter, the error naming method and tensor.
-pub(crate) fn global(method: &str, input: &MergeInput<'_>, name: &str) -> Result<f64> {
+pub(crate) fn global(method: &str, input: &impl Args, name: &str) -> Result<f64> {
     input
-        .global
+        .global_params()
         .get(name)
-        .map_err(|e| tensor_err(method, input.tensor, e))
+        .map_err(|e| tensor_err(method, input.tensor_name(), e))
 }
 
 /// A global flag.
-pub(crate) fn global_flag(method: &str, input: &MergeInput<'_>, name: &str) -> Result<bool> {
+pub(crate) fn global_flag(method: &str, input: &impl Args, name: &str) -> Result<bool> {
     Ok(global(method, input, name)? != 0.0)
 }
 
 /// Model `j`'s parameter, the error naming method, tensor and model index.
-pub(crate) fn per_model(method: &str, input: &MergeInput<'_>, j: usize, name: &str) -> Result<f64> {
-    input.model_params[j]
+pub(crate) fn per_model(method: &str, input: &impl Args, j: usize, name: &str) -> Result<f64> {
+    input.per_model_params()[j]
         .get(name)
-        .map_err(|e| tensor_err(method, input.tensor, format!("model {j}: {e}")))
+        .map_err(|e| tensor_err(method, input.tensor_name(), format!("model {j}: {e}")))
 }
 
 /// Sum, in chunk order, of per-chunk partials computed in parallel (deterministic).

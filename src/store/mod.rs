@@ -62,6 +62,8 @@ pub trait TensorSource: Send + Sync {
     fn info(&self, name: &str) -> Option<TensorInfo>;
     /// Decode one tensor to `f32` into `out` (length = element count).
     fn read_into(&self, name: &str, out: &mut [f32]) -> Result<()>;
+    /// Decode elements `start .. start + out.len()` of one tensor (flattened) into `out`.
+    fn read_range_into(&self, name: &str, start: usize, out: &mut [f32]) -> Result<()>;
     /// Where the model lives, for messages (a directory, or `<memory>`).
     fn label(&self) -> String;
 }
@@ -113,6 +115,9 @@ impl TensorSource for Model {
     fn read_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
         Model::read_into(self, name, out)
     }
+    fn read_range_into(&self, name: &str, start: usize, out: &mut [f32]) -> Result<()> {
+        Model::read_range_into(self, name, start, out)
+    }
     fn label(&self) -> String {
         self.dir().display().to_string()
     }
@@ -156,6 +161,26 @@ impl TensorSource for MemModel {
             });
         }
         out.copy_from_slice(&t.data);
+        Ok(())
+    }
+    fn read_range_into(&self, name: &str, start: usize, out: &mut [f32]) -> Result<()> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            model: PathBuf::from(self.label()),
+            tensor: name.to_string(),
+        })?;
+        let src = t
+            .data
+            .get(start..start + out.len())
+            .ok_or_else(|| Error::Tensor {
+                tensor: name.to_string(),
+                msg: format!(
+                    "elements {start}..{} requested, tensor has {} (shape {:?})",
+                    start + out.len(),
+                    t.data.len(),
+                    t.shape
+                ),
+            })?;
+        out.copy_from_slice(src);
         Ok(())
     }
     fn label(&self) -> String {

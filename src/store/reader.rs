@@ -482,13 +482,10 @@ impl Model {
     /// reads (f32 straight into `out`, other dtypes through a small per-thread buffer), so the
     /// bytes pass through memory once and the file's pages are not counted in our RSS.
     pub fn read_into(&self, name: &str, out: &mut [f32]) -> Result<()> {
-        use std::os::unix::fs::FileExt;
-
-        let i = self.position(name).ok_or_else(|| Error::MissingTensor {
+        let info = self.tensor_info(name).ok_or_else(|| Error::MissingTensor {
             model: self.dir.clone(),
             tensor: name.to_string(),
         })?;
-        let info = &self.tensors[i];
         if out.len() != info.numel() {
             return Err(Error::Tensor {
                 tensor: name.to_string(),
@@ -500,21 +497,46 @@ impl Model {
                 ),
             });
         }
+        self.read_range_into(name, 0, out)
+    }
+
+    /// Decode elements `start .. start + out.len()` of a tensor (flattened, row-major) to `f32`
+    /// into `out`, with positioned reads as [`Model::read_into`].
+    pub fn read_range_into(&self, name: &str, start: usize, out: &mut [f32]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+
+        let i = self.position(name).ok_or_else(|| Error::MissingTensor {
+            model: self.dir.clone(),
+            tensor: name.to_string(),
+        })?;
+        let info = &self.tensors[i];
+        if start + out.len() > info.numel() {
+            return Err(Error::Tensor {
+                tensor: name.to_string(),
+                msg: format!(
+                    "elements {start}..{} requested, tensor has {} (shape {:?})",
+                    start + out.len(),
+                    info.numel(),
+                    info.shape
+                ),
+            });
+        }
         let loc = self.locations[i];
         let shard = &self.shards[loc.shard];
         let io = |e| bad(&shard.path, name, format!("read failed: {e}"));
+        let size = info.dtype.size();
+        let first = loc.start + start * size;
         if info.dtype == DType::F32 && cfg!(target_endian = "little") {
             let dst: &mut [u8] = bytemuck::cast_slice_mut(out);
-            return shard.file.read_exact_at(dst, loc.start as u64).map_err(io);
+            return shard.file.read_exact_at(dst, first as u64).map_err(io);
         }
-        let size = info.dtype.size();
         let per_chunk = READ_CHUNK / size;
         SCRATCH.with(|buf| {
             let mut buf = buf.borrow_mut();
             for (c, dst) in out.chunks_mut(per_chunk).enumerate() {
                 let bytes = dst.len() * size;
                 buf.resize(bytes, 0);
-                let at = loc.start + c * per_chunk * size;
+                let at = first + c * per_chunk * size;
                 shard
                     .file
                     .read_exact_at(&mut buf[..bytes], at as u64)

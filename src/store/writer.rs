@@ -17,7 +17,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Map, Value, json};
 
@@ -63,7 +63,8 @@ struct Slot {
     shard: usize,
     /// Absolute offset in the shard file.
     offset: u64,
-    written: AtomicBool,
+    /// Elements written so far.
+    written: AtomicUsize,
 }
 
 struct ShardFile {
@@ -245,7 +246,7 @@ impl ModelWriter {
                 info,
                 shard: shard_of[i],
                 offset: offsets[i],
-                written: AtomicBool::new(false),
+                written: AtomicUsize::new(0),
             });
         }
         Ok(writer)
@@ -268,14 +269,7 @@ impl ModelWriter {
 
     /// Encode and write one tensor (any thread, any order). `values.len()` must match its shape.
     pub fn write(&self, name: &str, values: &[f32]) -> Result<()> {
-        let slot = self
-            .slots
-            .binary_search_by(|s| s.info.name.as_str().cmp(name))
-            .map(|i| &self.slots[i])
-            .map_err(|_| Error::Tensor {
-                tensor: name.to_string(),
-                msg: format!("not in the output layout of {}", self.target.display()),
-            })?;
+        let slot = self.slot(name)?;
         if values.len() != slot.info.numel() {
             return Err(Error::Tensor {
                 tensor: name.to_string(),
@@ -287,22 +281,50 @@ impl ModelWriter {
                 ),
             });
         }
+        self.write_range(name, 0, values)
+    }
+
+    /// Encode and write elements `start .. start + values.len()` of one tensor (flattened; any
+    /// thread, any order). A tensor is complete once all its elements were written.
+    pub fn write_range(&self, name: &str, start: usize, values: &[f32]) -> Result<()> {
+        let slot = self.slot(name)?;
+        let numel = slot.info.numel();
+        if start + values.len() > numel {
+            return Err(Error::Tensor {
+                tensor: name.to_string(),
+                msg: format!(
+                    "elements {start}..{} written, shape {:?} has {numel}",
+                    start + values.len(),
+                    slot.info.shape
+                ),
+            });
+        }
         let shard = &self.shards[slot.shard];
         let path = self.tmp.join(&shard.name);
+        let at = slot.offset + (start * slot.info.dtype.size()) as u64;
         if slot.info.dtype == DType::F32 && cfg!(target_endian = "little") {
-            write_all_at(&shard.file, bytemuck::cast_slice(values), slot.offset)
-                .map_err(io(&path))?;
+            write_all_at(&shard.file, bytemuck::cast_slice(values), at).map_err(io(&path))?;
         } else {
             let bytes = codec::encode_vec(slot.info.dtype, values);
-            write_all_at(&shard.file, bytes.as_slice(), slot.offset).map_err(io(&path))?;
+            write_all_at(&shard.file, bytes.as_slice(), at).map_err(io(&path))?;
         }
-        if slot.written.swap(true, Ordering::AcqRel) {
+        if slot.written.fetch_add(values.len(), Ordering::AcqRel) + values.len() > numel {
             return Err(Error::Tensor {
                 tensor: name.to_string(),
                 msg: "written twice".into(),
             });
         }
         Ok(())
+    }
+
+    fn slot(&self, name: &str) -> Result<&Slot> {
+        self.slots
+            .binary_search_by(|s| s.info.name.as_str().cmp(name))
+            .map(|i| &self.slots[i])
+            .map_err(|_| Error::Tensor {
+                tensor: name.to_string(),
+                msg: format!("not in the output layout of {}", self.target.display()),
+            })
     }
 
     /// Check every tensor was written, write config.json (`config` as given), copy tokenizer /
@@ -317,7 +339,7 @@ impl ModelWriter {
         let missing: Vec<&str> = self
             .slots
             .iter()
-            .filter(|s| !s.written.load(Ordering::Acquire))
+            .filter(|s| s.written.load(Ordering::Acquire) != s.info.numel())
             .map(|s| s.info.name.as_str())
             .collect();
         if let Some(first) = missing.first() {

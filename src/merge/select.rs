@@ -1,0 +1,693 @@
+//! Which entries of a task vector `δ = θ − θ_base` survive, decided over streamed chunks
+//! (see [`super::stream`]) — the selection stage of TIES, Model Breadcrumbs and DARE.
+//!
+//! **Rank windows** (TIES's top-k, Breadcrumbs' top-and-bottom drop): keep the entries whose
+//! ascending |δ| rank lies in `[lo, hi)`, equal magnitudes ranked in index order. Each cut
+//! (`lo`, `hi` when strictly inside `(0, n)`) is found exactly, never by sorting the tensor:
+//!
+//! 1. a sampled pass (≈16 evenly spaced chunks) gives the cut's sample quantile and a bracket
+//!    of magnitudes around it, wide enough to hold the true cut with a margin of about four
+//!    binomial standard deviations (exact when the sample is the whole tensor);
+//! 2. one pass counts the entries below the bracket and gathers the few inside it, with their
+//!    indices; `select_nth_unstable` on those gives the exact cut value and how many entries
+//!    equal to it fall below the cut;
+//! 3. only if the cut fell outside the bracket: a pass builds a 32768-bucket histogram of the
+//!    magnitudes' top bits, and step 2 runs again on the bucket holding the cut.
+//!
+//! The result is a [`Rule`] — a magnitude and an index per cut — applied entry by entry while
+//! merging, so no mask of the tensor's size is stored.
+//!
+//! **Bernoulli** (DARE): each entry survives with probability `density`, drawn from `StdRng`s
+//! seeded by the tensor's seed, the model index and the [`CHUNK`] index — one pass that stores
+//! the bitset (1 bit per entry), since the L1 rescale needs the sums before any output.
+//!
+//! With `rescale`, the kept entries are multiplied by `Σ|δ| / Σ|δ_kept|` (mergekit 0.1.5's L1
+//! match; 1 when either sum is below 1e-7), which for rank windows costs one more pass.
+
+use std::sync::Mutex;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::stream::{Pass, STREAM_CHUNK, chunk_count};
+use super::util::{CHUNK, mix_seed};
+
+/// How many chunks a sampling pass visits.
+const SAMPLE_CHUNKS: usize = 16;
+const BUCKET_SHIFT: u32 = 16;
+const BUCKETS: usize = 1 << (31 - BUCKET_SHIFT);
+
+/// The float bits of `|x|`: ordered like the magnitudes for every non-NaN `x`.
+#[inline(always)]
+pub(crate) fn abs_bits(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
+}
+
+/// Where a cut of a rank window lies: at magnitude bits `value`, before the `rank`-th entry
+/// (0-based, index order) of that magnitude in chunk `chunk`. Entries of that magnitude in
+/// earlier chunks lie below the cut, those in later chunks above it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CutAt {
+    value: u32,
+    chunk: usize,
+    rank: usize,
+}
+
+/// The kept entries of a rank window: entry `i` with magnitude bits `v` is kept when `(v, i)`
+/// is at or above the lower cut and below the upper cut (lexicographic order, equal magnitudes
+/// ranked by index); a missing cut is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Rule {
+    lo: Option<CutAt>,
+    hi: Option<CutAt>,
+}
+
+impl Rule {
+    /// The rule for chunk `index` with the chunk's inputs `m`, `b` (needed only by the chunk
+    /// holding a cut, to find the cut's entry), with indices relative to the chunk.
+    pub(crate) fn local(&self, index: usize, m: &[f32], b: &[f32]) -> LocalRule {
+        let len = m.len() as u32;
+        // the chunk-relative index of the cut: 0 (all of the cut's magnitude kept above it)
+        // before, `len` after, found by counting inside the cut's own chunk
+        let at = |c: &CutAt| -> u32 {
+            match index.cmp(&c.chunk) {
+                std::cmp::Ordering::Less => len,
+                std::cmp::Ordering::Greater => 0,
+                std::cmp::Ordering::Equal => m
+                    .iter()
+                    .zip(b)
+                    .enumerate()
+                    .filter(|(_, (x, y))| abs_bits(*x - *y) == c.value)
+                    .nth(c.rank)
+                    .map_or(len, |(k, _)| k as u32),
+            }
+        };
+        LocalRule {
+            lo_v: self.lo.map_or(0, |c| c.value),
+            lo_i: self.lo.as_ref().map_or(0, at),
+            hi_v: self.hi.map_or(u32::MAX, |c| c.value),
+            hi_i: self.hi.as_ref().map_or(len, at),
+        }
+    }
+}
+
+/// A [`Rule`] for one chunk, indices relative to the chunk's start (so the hot loop compares
+/// `u32`s): keep `(v, k) ≥ (lo_v, lo_i)` and `(v, k) < (hi_v, hi_i)`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LocalRule {
+    lo_v: u32,
+    lo_i: u32,
+    hi_v: u32,
+    hi_i: u32,
+}
+
+impl LocalRule {
+    /// Whether entry `k` of the chunk, with magnitude bits `v`, is kept (branch-free).
+    #[inline(always)]
+    pub(crate) fn keeps(&self, v: u32, k: u32) -> bool {
+        ((v > self.lo_v) | ((v == self.lo_v) & (k >= self.lo_i)))
+            & ((v < self.hi_v) | ((v == self.hi_v) & (k < self.hi_i)))
+    }
+}
+
+/// Which entries of a task vector survive, once decided.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Keep {
+    All,
+    Nothing,
+    Window(Rule),
+    /// Bit `i % 64` of word `i / 64` is set when entry `i` survives.
+    Bits(Vec<u64>),
+}
+
+impl Keep {
+    /// Which entries of chunk `index` (entries `start ..`, inputs `m`, `b`) survive:
+    /// `keeps(k, v)` for entry `k` of the chunk with magnitude bits `v`.
+    pub(crate) fn in_chunk<'a>(
+        &'a self,
+        index: usize,
+        start: usize,
+        m: &[f32],
+        b: &[f32],
+    ) -> impl Fn(usize, u32) -> bool + 'a {
+        let rule = match self {
+            Keep::Window(r) => Some(r.local(index, m, b)),
+            _ => None,
+        };
+        move |k, v| match self {
+            Keep::All => true,
+            Keep::Nothing => false,
+            Keep::Window(_) => rule.expect("local rule").keeps(v, k as u32),
+            Keep::Bits(w) => {
+                let i = start + k;
+                (w[i / 64] >> (i % 64)) & 1 == 1
+            }
+        }
+    }
+}
+
+/// What a selection does, set up from the method's parameters.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Kind {
+    /// Keep ascending ranks `[lo, hi)` (`0 ≤ lo < hi ≤ n`).
+    Window { lo: usize, hi: usize },
+    /// Keep each entry with probability `p`; `seed` and `model` seed the draws.
+    Bernoulli { p: f32, seed: u64, model: u64 },
+}
+
+/// One cut of a rank window being searched for.
+struct Cut {
+    /// Ascending rank of the cut (`0 < pos < n`).
+    pos: usize,
+    phase: CutPhase,
+    /// The histogram of the fallback pass (shared by the chunks; integer sums, so order-free).
+    hist: Mutex<Vec<u64>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum CutPhase {
+    Sample,
+    /// Magnitude bits `[lo, hi]` (inclusive) expected to hold the cut.
+    Bracket(u32, u32),
+    Histogram,
+    Found(CutAt),
+}
+
+enum State {
+    Window(Vec<Cut>, [bool; 2]),
+    Bernoulli {
+        p: f32,
+        seed: u64,
+        model: u64,
+    },
+    /// The kept set is known; the L1 sums for the rescale are not.
+    Sums(Keep),
+    Ready(Keep),
+}
+
+/// One chunk's contribution to a selection pass.
+#[derive(Default)]
+pub(crate) struct Part {
+    sample: Vec<u32>,
+    /// One per cut in its bracket phase.
+    gather: Vec<Gathered>,
+    words: Vec<u64>,
+    sums: [f64; 2],
+}
+
+/// What one chunk holds of a cut's bracket `[lo, hi]`.
+#[derive(Default)]
+struct Gathered {
+    /// Entries below `lo`.
+    below: usize,
+    /// Entries equal to `lo` when the bracket is one value (quantised task vectors tie a lot).
+    equal: usize,
+    /// The magnitudes inside a wider bracket, in index order.
+    inside: Vec<u32>,
+}
+
+/// The selection of one task vector over a streamed tensor of `n` entries: ask [`Selector::pass`]
+/// what it needs, feed it every chunk of that pass ([`Selector::observe`]), hand the parts back
+/// in chunk order ([`Selector::absorb`]), until [`Selector::keep`] is known.
+pub(crate) struct Selector {
+    n: usize,
+    rescale: bool,
+    state: State,
+    /// The L1 rescale factor (1 without rescale).
+    scale: f32,
+}
+
+impl Selector {
+    /// A selection of `kind` over `n` entries.
+    pub(crate) fn new(n: usize, kind: Kind, rescale: bool) -> Self {
+        let state = match kind {
+            Kind::Window { lo, hi } if lo >= hi || n == 0 => State::Ready(Keep::Nothing),
+            Kind::Window { lo, hi } if lo == 0 && hi >= n => {
+                // every entry is kept; the rescale is then exactly 1
+                State::Ready(Keep::All)
+            }
+            Kind::Window { lo, hi } => {
+                let needed = [lo > 0, hi < n];
+                let cuts = [lo, hi]
+                    .into_iter()
+                    .zip(needed)
+                    .filter(|(_, need)| *need)
+                    .map(|(pos, _)| Cut {
+                        pos,
+                        phase: CutPhase::Sample,
+                        hist: Mutex::new(Vec::new()),
+                    })
+                    .collect();
+                State::Window(cuts, needed)
+            }
+            Kind::Bernoulli { p, .. } if p <= 0.0 => State::Ready(Keep::Nothing),
+            Kind::Bernoulli { p, seed, model } => State::Bernoulli { p, seed, model },
+        };
+        Selector {
+            n,
+            rescale,
+            state,
+            scale: 1.0,
+        }
+    }
+
+    /// A selection that is already decided, with its rescale factor.
+    pub(crate) fn decided(n: usize, keep: Keep, scale: f32) -> Self {
+        Selector {
+            n,
+            rescale: false,
+            state: State::Ready(keep),
+            scale,
+        }
+    }
+
+    /// The pass this selection needs next, `None` once decided.
+    pub(crate) fn pass(&self) -> Option<Pass> {
+        match &self.state {
+            State::Ready(_) => None,
+            State::Window(cuts, _) => Some(
+                if cuts.iter().all(|c| matches!(c.phase, CutPhase::Sample)) {
+                    Pass::Sample {
+                        chunks: SAMPLE_CHUNKS,
+                    }
+                } else {
+                    Pass::All
+                },
+            ),
+            State::Bernoulli { .. } | State::Sums(_) => Some(Pass::All),
+        }
+    }
+
+    /// The decided selection (after [`Selector::pass`] returned `None`).
+    pub(crate) fn keep(&self) -> &Keep {
+        match &self.state {
+            State::Ready(k) => k,
+            _ => panic!("selection used before it was decided"),
+        }
+    }
+
+    /// The L1 rescale factor of the kept entries (1 without `rescale`).
+    pub(crate) fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// Look at chunk `index` (entries `start ..`) of the model `m` and base `b`.
+    pub(crate) fn observe(&self, index: usize, start: usize, m: &[f32], b: &[f32]) -> Part {
+        let mut part = Part::default();
+        let mags = || m.iter().zip(b).map(|(x, y)| abs_bits(x - y));
+        match &self.state {
+            State::Ready(_) => {}
+            State::Window(cuts, _) => {
+                for cut in cuts {
+                    match cut.phase {
+                        CutPhase::Sample => {
+                            // every cut of a window samples in the same pass: record once
+                            if part.sample.is_empty() {
+                                part.sample = mags().collect();
+                            }
+                        }
+                        CutPhase::Bracket(lo, hi) => {
+                            let mut g = Gathered::default();
+                            if lo == hi {
+                                for v in mags() {
+                                    g.below += usize::from(v < lo);
+                                    g.equal += usize::from(v == lo);
+                                }
+                            } else {
+                                // branch-free compaction: write every value, advance on a hit
+                                let mut inside = vec![0u32; m.len() + 1];
+                                let mut len = 0usize;
+                                for v in mags() {
+                                    g.below += usize::from(v < lo);
+                                    inside[len] = v;
+                                    len += usize::from(v >= lo && v <= hi);
+                                }
+                                inside.truncate(len);
+                                g.inside = inside;
+                            }
+                            part.gather.push(g);
+                        }
+                        CutPhase::Histogram => {
+                            let mut local = vec![0u32; BUCKETS];
+                            for v in mags() {
+                                local[(v >> BUCKET_SHIFT) as usize] += 1;
+                            }
+                            let mut hist = cut.hist.lock().expect("histogram poisoned");
+                            hist.resize(BUCKETS, 0);
+                            for (h, l) in hist.iter_mut().zip(local) {
+                                *h += u64::from(l);
+                            }
+                        }
+                        CutPhase::Found(..) => {}
+                    }
+                }
+            }
+            State::Bernoulli { p, seed, model } => {
+                let len = m.len();
+                let mut words = vec![0u64; len.div_ceil(64)];
+                // one RNG per CHUNK-sized piece, as the chunk layout of the tensor fixes it
+                for (q, w) in words.chunks_mut(CHUNK / 64).enumerate() {
+                    let sub = (start / CHUNK + q) as u64;
+                    let mut rng = StdRng::seed_from_u64(mix_seed(*seed, *model, sub));
+                    let here = (len - q * CHUNK).min(CHUNK);
+                    for off in 0..here {
+                        if rng.random::<f32>() < *p {
+                            w[off / 64] |= 1 << (off % 64);
+                        }
+                    }
+                }
+                if self.rescale {
+                    part.sums = l1_sums(m, b, |k, _| (words[k / 64] >> (k % 64)) & 1 == 1);
+                }
+                part.words = words;
+            }
+            State::Sums(keep) => {
+                part.sums = l1_sums(m, b, keep.in_chunk(index, start, m, b));
+            }
+        }
+        let _ = index;
+        part
+    }
+
+    /// Take back the parts of the last pass, in chunk order.
+    pub(crate) fn absorb(&mut self, parts: Vec<Part>) {
+        let n = self.n;
+        let state = std::mem::replace(&mut self.state, State::Ready(Keep::Nothing));
+        self.state = match state {
+            State::Ready(k) => State::Ready(k),
+            State::Window(mut cuts, needed) => {
+                if cuts.iter().all(|c| c.phase == CutPhase::Sample) {
+                    let mut sample: Vec<u32> = parts.into_iter().flat_map(|p| p.sample).collect();
+                    let whole = sample.len() == n;
+                    for cut in &mut cuts {
+                        cut.phase = bracket(&mut sample, cut.pos, n, whole);
+                    }
+                } else {
+                    // per bracketed cut, its chunks' findings in chunk order
+                    let bracketed = cuts
+                        .iter()
+                        .filter(|c| matches!(c.phase, CutPhase::Bracket(..)))
+                        .count();
+                    let mut columns: Vec<Vec<Gathered>> =
+                        (0..bracketed).map(|_| Vec::new()).collect();
+                    for part in parts {
+                        for (col, g) in columns.iter_mut().zip(part.gather) {
+                            col.push(g);
+                        }
+                    }
+                    let mut columns = columns.into_iter();
+                    for cut in &mut cuts {
+                        cut.phase = match cut.phase {
+                            CutPhase::Bracket(lo, hi) => {
+                                let chunks = columns.next().expect("one per bracket");
+                                settle(cut.pos, lo, hi, chunks)
+                            }
+                            CutPhase::Histogram => {
+                                let hist = std::mem::take(
+                                    &mut *cut.hist.lock().expect("histogram poisoned"),
+                                );
+                                locate(&hist, cut.pos)
+                            }
+                            other => other,
+                        };
+                    }
+                }
+                let found: Vec<CutAt> = cuts
+                    .iter()
+                    .filter_map(|c| match c.phase {
+                        CutPhase::Found(at) => Some(at),
+                        _ => None,
+                    })
+                    .collect();
+                if found.len() < cuts.len() {
+                    State::Window(cuts, needed)
+                } else {
+                    let mut found = found.into_iter();
+                    let rule = Rule {
+                        lo: needed[0].then(|| found.next().expect("lower cut")),
+                        hi: needed[1].then(|| found.next().expect("upper cut")),
+                    };
+                    if self.rescale {
+                        State::Sums(Keep::Window(rule))
+                    } else {
+                        State::Ready(Keep::Window(rule))
+                    }
+                }
+            }
+            State::Bernoulli { .. } => {
+                let mut words = Vec::with_capacity(n.div_ceil(64));
+                let mut sums = [0.0f64; 2];
+                for p in parts {
+                    words.extend(p.words);
+                    sums[0] += p.sums[0];
+                    sums[1] += p.sums[1];
+                }
+                if self.rescale {
+                    self.scale = rescale_factor(sums);
+                }
+                State::Ready(Keep::Bits(words))
+            }
+            State::Sums(keep) => {
+                let mut sums = [0.0f64; 2];
+                for p in parts {
+                    sums[0] += p.sums[0];
+                    sums[1] += p.sums[1];
+                }
+                self.scale = rescale_factor(sums);
+                State::Ready(keep)
+            }
+        };
+    }
+
+    /// Run every pass over whole in-memory vectors (chunks in parallel).
+    pub(crate) fn run(&mut self, m: &[f32], b: &[f32]) {
+        use rayon::prelude::*;
+        let n = m.len();
+        while let Some(pass) = self.pass() {
+            let this = &*self;
+            let parts = pass
+                .chunks(chunk_count(n))
+                .into_par_iter()
+                .map(|c| {
+                    let r = super::stream::chunk_range(c, n);
+                    this.observe(c, r.start, &m[r.clone()], &b[r])
+                })
+                .collect();
+            self.absorb(parts);
+        }
+    }
+}
+
+/// `Σ|δ| / Σ|δ_kept|`, or 1 when either is below 1e-7.
+fn rescale_factor([before, after]: [f64; 2]) -> f32 {
+    if before < 1e-7 || after < 1e-7 {
+        1.0
+    } else {
+        (before / after) as f32
+    }
+}
+
+/// `[Σ|δ|, Σ|δ_kept|]` over one chunk; `keep(k, v)` for entry `k` of the chunk.
+fn l1_sums(m: &[f32], b: &[f32], keep: impl Fn(usize, u32) -> bool) -> [f64; 2] {
+    let (mut before, mut after) = (0.0f64, 0.0f64);
+    for (k, (x, y)) in m.iter().zip(b).enumerate() {
+        let v = abs_bits(x - y);
+        let a = f64::from(f32::from_bits(v));
+        before += a;
+        if keep(k, v) {
+            after += a;
+        }
+    }
+    [before, after]
+}
+
+/// The bracket for the cut at rank `pos` of `n` from a sample of the magnitudes (reordered).
+fn bracket(sample: &mut [u32], pos: usize, n: usize, whole: bool) -> CutPhase {
+    let m = sample.len();
+    if m == 0 {
+        return CutPhase::Histogram;
+    }
+    if whole {
+        let (_, &mut v, _) = sample.select_nth_unstable(pos);
+        return CutPhase::Bracket(v, v);
+    }
+    let q = pos as f64 / n as f64;
+    let r = (q * m as f64) as usize;
+    let margin = (4.0 * (m as f64 * q * (1.0 - q)).sqrt()) as usize + m / 400 + 8;
+    let lo = if r > margin {
+        *sample.select_nth_unstable(r - margin).1
+    } else {
+        0
+    };
+    let hi = if r + margin < m {
+        *sample.select_nth_unstable(r + margin).1
+    } else {
+        u32::MAX
+    };
+    CutPhase::Bracket(lo, hi)
+}
+
+/// The cut at rank `pos` from each chunk's findings in the bracket `[lo, hi]`; back to the
+/// histogram when the cut is not inside the bracket.
+fn settle(pos: usize, lo: u32, hi: u32, chunks: Vec<Gathered>) -> CutPhase {
+    let below: usize = chunks.iter().map(|g| g.below).sum();
+    let inside: usize = chunks
+        .iter()
+        .map(|g| if lo == hi { g.equal } else { g.inside.len() })
+        .sum();
+    if pos < below || pos >= below + inside {
+        return CutPhase::Histogram;
+    }
+    // the cut's value, and how many entries of that value rank below it
+    let (value, mut ties) = if lo == hi {
+        (lo, pos - below)
+    } else {
+        let mut values: Vec<u32> = chunks
+            .iter()
+            .flat_map(|g| g.inside.iter().copied())
+            .collect();
+        let (_, &mut value, _) = values.select_nth_unstable(pos - below);
+        let lower = values.iter().filter(|&&v| v < value).count();
+        (value, pos - below - lower)
+    };
+    // the chunk holding the cut's entry: count that value chunk by chunk
+    for (c, g) in chunks.iter().enumerate() {
+        let here = if lo == hi {
+            g.equal
+        } else {
+            g.inside.iter().filter(|&&v| v == value).count()
+        };
+        if ties < here {
+            return CutPhase::Found(CutAt {
+                value,
+                chunk: c,
+                rank: ties,
+            });
+        }
+        ties -= here;
+    }
+    unreachable!("the cut's own entry is among the equal ones")
+}
+
+/// The bracket of the histogram bucket holding rank `pos`.
+fn locate(hist: &[u64], pos: usize) -> CutPhase {
+    let mut below = 0u64;
+    for (k, &count) in hist.iter().enumerate() {
+        if below + count > pos as u64 {
+            let lo = (k as u32) << BUCKET_SHIFT;
+            return CutPhase::Bracket(lo, lo | ((1 << BUCKET_SHIFT) - 1));
+        }
+        below += count;
+    }
+    unreachable!("rank {pos} lies in some bucket of a histogram of more entries")
+}
+
+/// Entries of a chunk per sampled pass, for the docs' arithmetic.
+const _: () = assert!(STREAM_CHUNK.is_multiple_of(CHUNK));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kept indices by brute force: ascending (|δ|, index), ranks [lo, hi).
+    fn reference(d: &[f32], lo: usize, hi: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..d.len()).collect();
+        order.sort_by(|&a, &b| abs_bits(d[a]).cmp(&abs_bits(d[b])).then(a.cmp(&b)));
+        let mut want = order[lo..hi].to_vec();
+        want.sort();
+        want
+    }
+
+    fn kept(sel: &Selector, d: &[f32]) -> Vec<usize> {
+        let n = d.len();
+        let zero = vec![0.0f32; n];
+        let mut out = Vec::new();
+        for c in 0..chunk_count(n) {
+            let r = super::super::stream::chunk_range(c, n);
+            let keeps = sel
+                .keep()
+                .in_chunk(c, r.start, &d[r.clone()], &zero[r.clone()]);
+            out.extend(r.filter(|&i| keeps(i % STREAM_CHUNK, abs_bits(d[i]))));
+        }
+        out
+    }
+
+    #[test]
+    fn windows_on_sampled_tensors_match_a_sort() {
+        // several chunks, so the bracket comes from a sample; smooth and heavily tied values
+        let n = 40 * STREAM_CHUNK + 123;
+        let mut rng = StdRng::seed_from_u64(5);
+        let smooth: Vec<f32> = (0..n).map(|_| rng.random::<f32>() - 0.5).collect();
+        let tied: Vec<f32> = (0..n)
+            .map(|_| (rng.random_range(0..9) as f32 - 4.0) * 0.25)
+            .collect();
+        let zero = vec![0.0f32; n];
+        for d in [&smooth, &tied] {
+            for (lo, hi) in [(n / 2, n), (n / 10, n / 3), (1, n - 1), (n - 1, n)] {
+                let mut sel = Selector::new(n, Kind::Window { lo, hi }, true);
+                sel.run(d, &zero);
+                assert_eq!(kept(&sel, d), reference(d, lo, hi), "window {lo}..{hi}");
+                let before: f64 = d.iter().map(|x| f64::from(x.abs())).sum();
+                let after: f64 = reference(d, lo, hi)
+                    .iter()
+                    .map(|&i| f64::from(d[i].abs()))
+                    .sum();
+                let want = (before / after) as f32;
+                assert!((sel.scale() - want).abs() <= 1e-5 * want, "rescale");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sample_that_misses_falls_back_to_the_histogram() {
+        // the sampled chunks (every 40/16-th) are all small; the rest is large, so the sample's
+        // median is far from the true one
+        let n = 40 * STREAM_CHUNK;
+        let sampled = Pass::Sample {
+            chunks: SAMPLE_CHUNKS,
+        }
+        .chunks(chunk_count(n));
+        let d: Vec<f32> = (0..n)
+            .map(|i| {
+                let c = i / STREAM_CHUNK;
+                let x = (i % 977) as f32 * 1e-3;
+                if sampled.contains(&c) { x } else { 10.0 + x }
+            })
+            .collect();
+        let zero = vec![0.0f32; n];
+        let mut sel = Selector::new(n, Kind::Window { lo: n / 2, hi: n }, false);
+        let mut passes = 0;
+        while let Some(pass) = sel.pass() {
+            passes += 1;
+            let parts = pass
+                .chunks(chunk_count(n))
+                .into_iter()
+                .map(|c| {
+                    let r = super::super::stream::chunk_range(c, n);
+                    sel.observe(c, r.start, &d[r.clone()], &zero[r])
+                })
+                .collect();
+            sel.absorb(parts);
+        }
+        assert_eq!(passes, 4, "sample, bracket (missed), histogram, bucket");
+        assert_eq!(kept(&sel, &d), reference(&d, n / 2, n));
+    }
+
+    #[test]
+    fn a_cut_inside_a_run_of_ties_splits_it_by_index() {
+        // |δ| ∈ {1, 2}: 2.5 chunks of ones then twos; keep the top n − pos: the cut falls
+        // inside the ones, in the middle chunk, so only that chunk needs the count
+        let n = 5 * STREAM_CHUNK / 2;
+        let d: Vec<f32> = (0..n)
+            .map(|i| if i < 2 * STREAM_CHUNK { 1.0 } else { -2.0 })
+            .collect();
+        let zero = vec![0.0f32; n];
+        let pos = STREAM_CHUNK + 17;
+        let mut sel = Selector::new(n, Kind::Window { lo: pos, hi: n }, false);
+        sel.run(&d, &zero);
+        let got = kept(&sel, &d);
+        assert_eq!(got.len(), n - pos);
+        assert_eq!(got[0], pos, "equal magnitudes rank by index");
+        assert_eq!(got, reference(&d, pos, n));
+    }
+}
