@@ -110,7 +110,8 @@ fn disk_merge_equals_memory_merge_and_shards() {
 /// Streamed merges (chunk by chunk, read with positioned reads, written in pieces to several
 /// shards) equal each method's whole-tensor merge, for tensors of many chunks — enough (17 in
 /// the embedding) that the top-k cut comes from a sample — and bf16 inputs, whose task vectors
-/// tie a lot. DELLA, which takes whole tensors, is checked through the same path.
+/// tie a lot. SLERP (a moments pass) and passthrough stream too; DELLA, which takes whole
+/// tensors, is checked through the same path.
 #[test]
 fn streamed_disk_merges_equal_whole_tensor_merges() {
     use evomerge::merge::stream::STREAM_CHUNK;
@@ -154,13 +155,29 @@ fn streamed_disk_merges_equal_whole_tensor_merges() {
             format!("{w2}, {d2}, {e}"),
         ),
     ];
-    for (method, params, params2) in cases {
-        let yaml = format!(
-            "merge_method: {method}\nbase_model: {}\nmodels:\n  - model: {}\n    parameters: {{{params}}}\n  - model: {}\n    parameters: {{{params2}}}\n",
-            fam[0].display(),
-            fam[1].display(),
-            fam[2].display()
-        );
+    let (base, a, b) = (fam[0].display(), fam[1].display(), fam[2].display());
+    let mut recipes: Vec<(&str, String)> = cases
+        .iter()
+        .map(|(method, params, params2)| {
+            let yaml = format!(
+                "merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{{params}}}\n  - model: {b}\n    parameters: {{{params2}}}\n"
+            );
+            (*method, yaml)
+        })
+        .collect();
+    recipes.push((
+        "slerp",
+        format!(
+            "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\nparameters: {{t: 0.3}}\n"
+        ),
+    ));
+    recipes.push((
+        "passthrough",
+        format!(
+            "merge_method: passthrough\nmodels:\n  - model: {a}\n    parameters: {{scale: 0.5}}\n"
+        ),
+    ));
+    for (method, yaml) in recipes {
         let recipe = Recipe::from_str(&yaml, None).unwrap();
         let mut models = ModelSet::new();
         let out = tmp.path().join(format!("out-{method}"));

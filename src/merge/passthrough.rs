@@ -8,7 +8,8 @@
 //!
 //! Matches mergekit 0.1.5's `passthrough` (one input per tensor, optional `scale`).
 
-use super::util::{check, per_model};
+use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, run_in_memory};
+use super::util::{check, check_spec, per_model};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
 
@@ -42,13 +43,46 @@ impl MergeMethod for Passthrough {
     }
 
     fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>> {
-        check(self, input)?;
-        let scale = per_model(self.name(), input, 0, "scale")? as f32;
-        let x = input.models[0];
-        if scale == 1.0 {
-            return Ok(x.to_vec());
+        let n = check(self, input)?;
+        let stream = self
+            .stream(&input.spec())?
+            .expect("passthrough always streams");
+        run_in_memory(stream, n, None, &input.models)
+    }
+
+    fn stream(&self, spec: &StreamSpec<'_>) -> Result<Option<Box<dyn Stream>>> {
+        check_spec(self, spec)?;
+        let scale = per_model(self.name(), spec, 0, "scale")? as f32;
+        Ok(Some(Box::new(Scaled(scale))))
+    }
+}
+
+/// `scale · x`, chunk by chunk (a plain copy for scale 1).
+struct Scaled(f32);
+
+impl Stream for Scaled {
+    fn next_pass(&mut self, _: Vec<Partial>) -> Result<Option<Pass>> {
+        Ok(None)
+    }
+
+    fn observe(&self, _: &Chunk<'_>) -> Result<Partial> {
+        unreachable!("passthrough asks for no pass")
+    }
+
+    fn uses_base(&self) -> bool {
+        false
+    }
+
+    fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
+        let x = chunk.models[0];
+        if self.0 == 1.0 {
+            out.copy_from_slice(x);
+        } else {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = v * self.0;
+            }
         }
-        Ok(x.iter().map(|v| v * scale).collect())
+        Ok(())
     }
 }
 

@@ -12,9 +12,8 @@
 //! (threshold 0.9995, norm epsilon 1e-8, whole-tensor vectors); norms and the dot product are
 //! accumulated in `f64` here.
 
-use rayon::prelude::*;
-
-use super::util::{CHUNK, base, check, chunked_sum, global};
+use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, downcast, run_in_memory};
+use super::util::{CHUNK, base, check, check_spec, global};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
 
@@ -35,22 +34,25 @@ static PARAMS: &[ParamDecl] = &[ParamDecl {
     doc: "interpolation factor: 0 = base model, 1 = the other model",
 }];
 
-/// The coefficients `(c_a, c_b)` of `c_a·a + c_b·b` for interpolation factor `t`.
-pub fn slerp_coefficients(a: &[f32], b: &[f32], t: f64) -> (f32, f32) {
-    let [aa, bb, ab] = chunked_sum(a.len(), |r| {
-        let (mut aa, mut bb, mut ab) = (0.0f64, 0.0f64, 0.0f64);
-        for (&x, &y) in a[r.clone()].iter().zip(&b[r]) {
-            let (x, y) = (f64::from(x), f64::from(y));
-            aa += x * x;
-            bb += y * y;
-            ab += x * y;
-        }
-        [aa, bb, ab]
-    });
+/// `[Σa², Σb², Σab]` of one [`CHUNK`]-sized piece, in `f64`.
+fn moments(a: &[f32], b: &[f32]) -> [f64; 3] {
+    let (mut aa, mut bb, mut ab) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        aa += x * x;
+        bb += y * y;
+        ab += x * y;
+    }
+    [aa, bb, ab]
+}
+
+/// The coefficients `(c_a, c_b)` of `c_a·a + c_b·b` for interpolation factor `t`, from the
+/// moments `[Σa², Σb², Σab]` of the two (non-empty) vectors.
+pub fn slerp_coefficients([aa, bb, ab]: [f64; 3], t: f64) -> (f32, f32) {
     let na = if aa.sqrt() > NORM_EPS { aa.sqrt() } else { 1.0 };
     let nb = if bb.sqrt() > NORM_EPS { bb.sqrt() } else { 1.0 };
     let dot = (ab / (na * nb)).clamp(-1.0, 1.0);
-    if a.is_empty() || dot.abs() > DOT_THRESHOLD {
+    if dot.abs() > DOT_THRESHOLD {
         return ((1.0 - t) as f32, t as f32);
     }
     let omega = dot.acos();
@@ -81,18 +83,67 @@ impl MergeMethod for Slerp {
     fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>> {
         let n = check(self, input)?;
         let a = base(self, input)?;
-        let b = input.models[0];
-        let t = global(self.name(), input, "t")?;
-        let (ca, cb) = slerp_coefficients(a, b, t);
-        let mut out = vec![0.0f32; n];
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-            let s = c * CHUNK;
-            let (x, y) = (&a[s..s + o.len()], &b[s..s + o.len()]);
-            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                *o = ca * x + cb * y;
+        let stream = self.stream(&input.spec())?.expect("slerp always streams");
+        run_in_memory(stream, n, Some(a), &input.models)
+    }
+
+    fn stream(&self, spec: &StreamSpec<'_>) -> Result<Option<Box<dyn Stream>>> {
+        check_spec(self, spec)?;
+        Ok(Some(Box::new(SlerpStream {
+            t: global(self.name(), spec, "t")?,
+            asked: false,
+            coefficients: None,
+        })))
+    }
+}
+
+/// One pass for the two norms and the dot product, then `c_a·a + c_b·b` chunk by chunk.
+struct SlerpStream {
+    t: f64,
+    asked: bool,
+    coefficients: Option<(f32, f32)>,
+}
+
+impl Stream for SlerpStream {
+    fn next_pass(&mut self, partials: Vec<Partial>) -> Result<Option<Pass>> {
+        if !self.asked {
+            self.asked = true;
+            return Ok(Some(Pass::All));
+        }
+        if partials.is_empty() {
+            // an empty tensor: no chunks, nothing to interpolate
+            self.coefficients = Some(((1.0 - self.t) as f32, self.t as f32));
+            return Ok(None);
+        }
+        // per-CHUNK moments summed in order, as a whole-tensor chunked sum would
+        let mut sums = [0.0f64; 3];
+        for piece in downcast::<Vec<[f64; 3]>>(partials).into_iter().flatten() {
+            for (s, v) in sums.iter_mut().zip(piece) {
+                *s += v;
             }
-        });
-        Ok(out)
+        }
+        self.coefficients = Some(slerp_coefficients(sums, self.t));
+        Ok(None)
+    }
+
+    fn observe(&self, chunk: &Chunk<'_>) -> Result<Partial> {
+        let a = chunk.base.expect("slerp has a base");
+        let b = chunk.models[0];
+        let pieces: Vec<[f64; 3]> = a
+            .chunks(CHUNK)
+            .zip(b.chunks(CHUNK))
+            .map(|(x, y)| moments(x, y))
+            .collect();
+        Ok(Box::new(pieces))
+    }
+
+    fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
+        let (ca, cb) = self.coefficients.expect("moments computed");
+        let a = chunk.base.expect("slerp has a base");
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(chunk.models[0]) {
+            *o = ca * x + cb * y;
+        }
+        Ok(())
     }
 }
 
@@ -137,7 +188,7 @@ mod tests {
         let b = [2.0f32, 0.02];
         let got = run(&a, &b, 0.25);
         assert_eq!(got, vec![0.75 * 1.0 + 0.25 * 2.0, 0.25 * 0.02]);
-        let (ca, cb) = slerp_coefficients(&a, &b, 0.25);
+        let (ca, cb) = slerp_coefficients(moments(&a, &b), 0.25);
         assert_eq!((ca, cb), (0.75, 0.25));
     }
 
