@@ -12,6 +12,7 @@ pub mod model;
 pub mod recipe;
 pub mod report;
 pub mod search;
+mod simd;
 pub mod store;
 pub mod synth;
 pub mod tensor;

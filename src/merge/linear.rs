@@ -17,6 +17,7 @@ use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, run_in_memory};
 use super::util::{check, check_spec, global_flag, per_model, tensor_err};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
+use crate::simd::avx2_fn;
 
 /// The weighted average (see the module docs).
 #[derive(Clone, Copy, Debug, Default)]
@@ -104,18 +105,31 @@ impl Stream for LinearStream {
     }
 
     fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
-        out.fill(0.0);
-        for (m, &w) in chunk.models.iter().zip(&self.weights) {
-            for (o, &x) in out.iter_mut().zip(*m) {
-                *o += w * x;
-            }
-        }
-        if let Some(total) = self.divisor {
-            for o in out.iter_mut() {
-                *o /= total;
-            }
-        }
+        weighted_sum(&self.weights, chunk.models, self.divisor, out);
         Ok(())
+    }
+}
+
+avx2_fn!(fn weighted_sum(
+    weights: &[f32],
+    models: &[&[f32]],
+    divisor: Option<f32>,
+    out: &mut [f32],
+) => weighted_sum_body);
+
+/// `out = Σ_j w_j x_j`, divided by `divisor` when given.
+#[inline(always)]
+fn weighted_sum_body(weights: &[f32], models: &[&[f32]], divisor: Option<f32>, out: &mut [f32]) {
+    out.fill(0.0);
+    for (m, &w) in models.iter().zip(weights) {
+        for (o, &x) in out.iter_mut().zip(*m) {
+            *o += w * x;
+        }
+    }
+    if let Some(total) = divisor {
+        for o in out.iter_mut() {
+            *o /= total;
+        }
     }
 }
 

@@ -5,17 +5,20 @@
 //! ascending |δ| rank lies in `[lo, hi)`, equal magnitudes ranked in index order. Each cut
 //! (`lo`, `hi` when strictly inside `(0, n)`) is found exactly, never by sorting the tensor:
 //!
-//! 1. a sampled pass (≈16 evenly spaced chunks) gives the cut's sample quantile and a bracket
-//!    of magnitudes around it, wide enough to hold the true cut with a margin of about four
-//!    binomial standard deviations (exact when the sample is the whole tensor);
-//! 2. one pass counts the entries below the bracket and gathers the few inside it, with their
-//!    indices; `select_nth_unstable` on those gives the exact cut value and how many entries
-//!    equal to it fall below the cut;
+//! 1. a sampled pass (16 evenly spaced chunks; the whole tensor when it has no more) gives the cut's sample quantile and a bracket of magnitudes around it,
+//!    wide enough to hold the true cut with a margin of about four binomial standard deviations
+//!    (a single value when the sample is the whole tensor, or when the cut falls in a run of
+//!    equal magnitudes — bf16 task vectors tie a lot);
+//! 2. one pass counts, per chunk, the entries below the bracket and keeps the magnitudes inside
+//!    it (only a count when the bracket is one value); `select_nth_unstable` on those gives the
+//!    exact cut value and how many entries of that value rank below the cut, and the per-chunk
+//!    counts say which chunk holds the cut's entry;
 //! 3. only if the cut fell outside the bracket: a pass builds a 32768-bucket histogram of the
 //!    magnitudes' top bits, and step 2 runs again on the bucket holding the cut.
 //!
-//! The result is a [`Rule`] — a magnitude and an index per cut — applied entry by entry while
-//! merging, so no mask of the tensor's size is stored.
+//! The result is a [`Rule`] — per cut a magnitude, a chunk and a rank within that chunk —
+//! applied entry by entry while merging (the chunk holding a cut finds its entry by counting),
+//! so nothing of the tensor's size is stored.
 //!
 //! **Bernoulli** (DARE): each entry survives with probability `density`, drawn from `StdRng`s
 //! seeded by the tensor's seed, the model index and the [`CHUNK`] index — one pass that stores
@@ -31,6 +34,7 @@ use rand::{Rng, SeedableRng};
 
 use super::stream::{Pass, STREAM_CHUNK, chunk_count};
 use super::util::{CHUNK, mix_seed};
+use crate::simd::avx2_fn;
 
 /// How many chunks a sampling pass visits.
 const SAMPLE_CHUNKS: usize = 16;
@@ -195,15 +199,19 @@ pub(crate) struct Part {
     sums: [f64; 2],
 }
 
-/// What one chunk holds of a cut's bracket `[lo, hi]`.
+/// What one chunk holds of a cut's bracket `[lo, hi]`. The ends are counted, not listed:
+/// task vectors of bf16 checkpoints take few distinct magnitudes, so a bracket's ends are often
+/// long runs of ties.
 #[derive(Default)]
 struct Gathered {
     /// Entries below `lo`.
     below: usize,
-    /// Entries equal to `lo` when the bracket is one value (quantised task vectors tie a lot).
-    equal: usize,
-    /// The magnitudes inside a wider bracket, in index order.
-    inside: Vec<u32>,
+    /// Entries equal to `lo`.
+    at_lo: usize,
+    /// Entries equal to `hi` (when `hi > lo`).
+    at_hi: usize,
+    /// The magnitudes strictly between `lo` and `hi`, in index order.
+    between: Vec<u32>,
 }
 
 /// The selection of one task vector over a streamed tensor of `n` entries: ask [`Selector::pass`]
@@ -306,27 +314,7 @@ impl Selector {
                                 part.sample = mags().collect();
                             }
                         }
-                        CutPhase::Bracket(lo, hi) => {
-                            let mut g = Gathered::default();
-                            if lo == hi {
-                                for v in mags() {
-                                    g.below += usize::from(v < lo);
-                                    g.equal += usize::from(v == lo);
-                                }
-                            } else {
-                                // branch-free compaction: write every value, advance on a hit
-                                let mut inside = vec![0u32; m.len() + 1];
-                                let mut len = 0usize;
-                                for v in mags() {
-                                    g.below += usize::from(v < lo);
-                                    inside[len] = v;
-                                    len += usize::from(v >= lo && v <= hi);
-                                }
-                                inside.truncate(len);
-                                g.inside = inside;
-                            }
-                            part.gather.push(g);
-                        }
+                        CutPhase::Bracket(lo, hi) => part.gather.push(gather(lo, hi, m, b)),
                         CutPhase::Histogram => {
                             let mut local = vec![0u32; BUCKETS];
                             for v in mags() {
@@ -377,7 +365,10 @@ impl Selector {
             State::Ready(k) => State::Ready(k),
             State::Window(mut cuts, needed) => {
                 if cuts.iter().all(|c| c.phase == CutPhase::Sample) {
-                    let mut sample: Vec<u32> = parts.into_iter().flat_map(|p| p.sample).collect();
+                    let mut sample = Vec::with_capacity(parts.iter().map(|p| p.sample.len()).sum());
+                    for p in parts {
+                        sample.extend(p.sample);
+                    }
                     let whole = sample.len() == n;
                     for cut in &mut cuts {
                         cut.phase = bracket(&mut sample, cut.pos, n, whole);
@@ -478,6 +469,52 @@ impl Selector {
     }
 }
 
+avx2_fn!(fn gather(lo: u32, hi: u32, m: &[f32], b: &[f32]) -> Gathered => gather_body);
+
+thread_local! {
+    /// Compaction buffer of [`gather_body`].
+    static BETWEEN: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What the chunk `m`, `b` holds of the bracket `[lo, hi]`. Counters are `u32` (a chunk has
+/// fewer entries), so the counting loops vectorise.
+#[inline(always)]
+fn gather_body(lo: u32, hi: u32, m: &[f32], b: &[f32]) -> Gathered {
+    let mags = m.iter().zip(b).map(|(x, y)| abs_bits(x - y));
+    let (mut below, mut at_lo, mut at_hi) = (0u32, 0u32, 0u32);
+    if lo == hi {
+        for v in mags {
+            below += u32::from(v < lo);
+            at_lo += u32::from(v == lo);
+        }
+        return Gathered {
+            below: below as usize,
+            at_lo: at_lo as usize,
+            ..Gathered::default()
+        };
+    }
+    let between = BETWEEN.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        buf.resize(m.len() + 1, 0);
+        // branch-free compaction: write every value, advance on a hit
+        let mut len = 0usize;
+        for v in mags {
+            below += u32::from(v < lo);
+            at_lo += u32::from(v == lo);
+            at_hi += u32::from(v == hi);
+            buf[len] = v;
+            len += usize::from(v > lo && v < hi);
+        }
+        buf[..len].to_vec()
+    });
+    Gathered {
+        below: below as usize,
+        at_lo: at_lo as usize,
+        at_hi: at_hi as usize,
+        between,
+    }
+}
+
 /// `Σ|δ| / Σ|δ_kept|`, or 1 when either is below 1e-7.
 fn rescale_factor([before, after]: [f64; 2]) -> f32 {
     if before < 1e-7 || after < 1e-7 {
@@ -527,36 +564,47 @@ fn bracket(sample: &mut [u32], pos: usize, n: usize, whole: bool) -> CutPhase {
     CutPhase::Bracket(lo, hi)
 }
 
+/// Where in a bracket a cut fell.
+#[derive(Clone, Copy)]
+enum At {
+    Lo,
+    Between,
+    Hi,
+}
+
 /// The cut at rank `pos` from each chunk's findings in the bracket `[lo, hi]`; back to the
 /// histogram when the cut is not inside the bracket.
 fn settle(pos: usize, lo: u32, hi: u32, chunks: Vec<Gathered>) -> CutPhase {
-    let below: usize = chunks.iter().map(|g| g.below).sum();
-    let inside: usize = chunks
-        .iter()
-        .map(|g| if lo == hi { g.equal } else { g.inside.len() })
-        .sum();
-    if pos < below || pos >= below + inside {
+    let sum = |f: fn(&Gathered) -> usize| chunks.iter().map(f).sum::<usize>();
+    let (below, at_lo, at_hi) = (sum(|g| g.below), sum(|g| g.at_lo), sum(|g| g.at_hi));
+    let between = sum(|g| g.between.len());
+    if pos < below || pos >= below + at_lo + between + at_hi {
         return CutPhase::Histogram;
     }
-    // the cut's value, and how many entries of that value rank below it
-    let (value, mut ties) = if lo == hi {
-        (lo, pos - below)
-    } else {
+    // the cut's value, how many entries of that value rank below it, and that value's count
+    // in each chunk
+    let r = pos - below;
+    let (value, mut ties, at) = if r < at_lo {
+        (lo, r, At::Lo)
+    } else if r < at_lo + between {
         let mut values: Vec<u32> = chunks
             .iter()
-            .flat_map(|g| g.inside.iter().copied())
+            .flat_map(|g| g.between.iter().copied())
             .collect();
-        let (_, &mut value, _) = values.select_nth_unstable(pos - below);
+        let (_, &mut value, _) = values.select_nth_unstable(r - at_lo);
         let lower = values.iter().filter(|&&v| v < value).count();
-        (value, pos - below - lower)
+        (value, r - at_lo - lower, At::Between)
+    } else {
+        (hi, r - at_lo - between, At::Hi)
     };
-    // the chunk holding the cut's entry: count that value chunk by chunk
+    let count = |g: &Gathered| match at {
+        At::Lo => g.at_lo,
+        At::Hi => g.at_hi,
+        At::Between => g.between.iter().filter(|&&v| v == value).count(),
+    };
+    // the chunk holding the cut's entry
     for (c, g) in chunks.iter().enumerate() {
-        let here = if lo == hi {
-            g.equal
-        } else {
-            g.inside.iter().filter(|&&v| v == value).count()
-        };
+        let here = count(g);
         if ties < here {
             return CutPhase::Found(CutAt {
                 value,
@@ -671,6 +719,36 @@ mod tests {
         }
         assert_eq!(passes, 4, "sample, bracket (missed), histogram, bucket");
         assert_eq!(kept(&sel, &d), reference(&d, n / 2, n));
+    }
+
+    #[test]
+    fn settle_locates_cuts_at_either_end_or_between() {
+        let chunks = || {
+            vec![
+                Gathered {
+                    below: 2,
+                    at_lo: 3,
+                    at_hi: 4,
+                    between: vec![7, 5],
+                },
+                Gathered {
+                    below: 1,
+                    at_lo: 1,
+                    at_hi: 2,
+                    between: vec![6],
+                },
+            ]
+        };
+        // ascending ranks: 3 below, four 4s (3..7), 5 6 7 (7..10), six 8s (10..16)
+        let found = |value, chunk, rank| CutPhase::Found(CutAt { value, chunk, rank });
+        assert_eq!(settle(5, 4, 8, chunks()), found(4, 0, 2));
+        assert_eq!(settle(6, 4, 8, chunks()), found(4, 1, 0));
+        assert_eq!(settle(8, 4, 8, chunks()), found(6, 1, 0));
+        assert_eq!(settle(9, 4, 8, chunks()), found(7, 0, 0));
+        assert_eq!(settle(12, 4, 8, chunks()), found(8, 0, 2));
+        assert_eq!(settle(15, 4, 8, chunks()), found(8, 1, 1));
+        assert_eq!(settle(2, 4, 8, chunks()), CutPhase::Histogram);
+        assert_eq!(settle(16, 4, 8, chunks()), CutPhase::Histogram);
     }
 
     #[test]

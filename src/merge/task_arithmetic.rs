@@ -41,12 +41,13 @@
 
 use rayon::prelude::*;
 
-use super::select::{Keep, Part, Selector, abs_bits};
+use super::select::{Keep, LocalRule, Part, Selector, abs_bits};
 use super::sparsify::{Kept, Sparsify, SparsifyArgs, selector, sparsify};
 use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, downcast, run_in_memory};
 use super::util::{base, check, check_spec, global, global_flag, per_model, tensor_err};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
+use crate::simd::avx2_fn;
 
 /// One configuration of the pipeline.
 #[derive(Debug)]
@@ -405,77 +406,159 @@ impl Stream for TaStream {
         Ok(Box::new(parts))
     }
 
-    fn apply(&self, chunk: &Chunk<'_>, o: &mut [f32]) -> Result<()> {
-        let bb = chunk.base.expect("the task-arithmetic family has a base");
-        let (start, len, k) = (chunk.start, o.len(), self.selectors.len());
-        let lambda = self.lambda;
+    fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
+        let base = chunk.base.expect("the task-arithmetic family has a base");
+        let k = self.selectors.len();
+        // window rules relative to the chunk (finding a cut's entry scans its chunk once)
+        let rules: Vec<Option<LocalRule>> = self
+            .selectors
+            .iter()
+            .zip(chunk.models)
+            .map(|(sel, m)| match sel.keep() {
+                Keep::Window(rule) => Some(rule.local(chunk.index, m, base)),
+                _ => None,
+            })
+            .collect();
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            scratch.resize((k + 2) * len, 0.0);
-            let (deltas, rest) = scratch.split_at_mut(k * len);
-            let (sum, div) = rest.split_at_mut(len);
-            for (j, sel) in self.selectors.iter().enumerate() {
-                let d = &mut deltas[j * len..(j + 1) * len];
-                let m = chunk.models[j];
-                let (scale, w) = (sel.scale(), self.weights[j]);
-                match sel.keep() {
-                    Keep::All => {
-                        for ((d, &m), &b) in d.iter_mut().zip(m).zip(bb) {
-                            *d = (m - b) * scale * w;
-                        }
-                    }
-                    Keep::Nothing => d.fill(0.0),
-                    Keep::Bits(words) => masked_deltas(d, m, bb, &words[start / 64..], scale, w),
-                    Keep::Window(rule) => {
-                        let rule = rule.local(chunk.index, m, bb);
-                        for (i, ((d, &m), &b)) in d.iter_mut().zip(m).zip(bb).enumerate() {
-                            let x = m - b;
-                            // × 1.0 or × 0.0, as in `masked_deltas`
-                            let keep = u32::from(rule.keeps(abs_bits(x), i as u32)) as f32;
-                            *d = x * scale * w * keep;
-                        }
-                    }
-                }
-            }
-            if self.consensus {
-                sum.fill(0.0);
-                div.fill(0.0);
-                o.fill(0.0);
-                for d in deltas.chunks_exact(len) {
-                    for (s, &d) in sum.iter_mut().zip(d) {
-                        *s += d;
-                    }
-                }
-                for (d, &w) in deltas.chunks_exact(len).zip(&self.weights) {
-                    elect(o, div, sum, d, w);
-                }
-                for ((o, &dv), &b) in o.iter_mut().zip(&*div).zip(bb) {
-                    let mut x = *o;
-                    if self.normalize {
-                        x /= if dv == 0.0 { 1.0 } else { dv };
-                    }
-                    *o = b + x * lambda;
-                }
-            } else {
-                o.copy_from_slice(&deltas[..len]);
-                for d in deltas.chunks_exact(len).skip(1) {
-                    for (o, &d) in o.iter_mut().zip(d) {
-                        *o += d;
-                    }
-                }
-                let inv = if self.normalize { self.total } else { 1.0 };
-                for (o, &b) in o.iter_mut().zip(bb) {
-                    *o = b + (*o / inv) * lambda;
-                }
+            scratch.resize((k + 2) * BLOCK, 0.0);
+            // blocks small enough that every array of the fused pass stays in L1/L2
+            for off in (0..out.len()).step_by(BLOCK) {
+                let len = BLOCK.min(out.len() - off);
+                let block = Block {
+                    start: chunk.start + off,
+                    offset: off,
+                    base: &base[off..off + len],
+                };
+                let models: Vec<&[f32]> = chunk.models.iter().map(|m| &m[off..off + len]).collect();
+                let o = &mut out[off..off + len];
+                self.merge_block(&block, &models, &rules, &mut scratch, o);
             }
         });
         Ok(())
     }
 }
 
+/// Elements of a chunk merged together by [`TaStream::merge_block`]: a multiple of 64 (bitset
+/// words), small enough that `k + 3` arrays of it stay in L1/L2.
+const BLOCK: usize = 2048;
+
+/// Where a block lies.
+struct Block<'a> {
+    /// First element in the tensor.
+    start: usize,
+    /// First element in its chunk.
+    offset: usize,
+    base: &'a [f32],
+}
+
+impl TaStream {
+    /// The fused pipeline over one block: weighted, selected task vectors, then consensus and
+    /// sum, normalisation, λ and the base.
+    fn merge_block(
+        &self,
+        block: &Block<'_>,
+        models: &[&[f32]],
+        rules: &[Option<LocalRule>],
+        scratch: &mut [f32],
+        o: &mut [f32],
+    ) {
+        merge_block(self, block, models, rules, scratch, o)
+    }
+
+    #[inline(always)]
+    fn merge_block_body(
+        s: &TaStream,
+        block: &Block<'_>,
+        models: &[&[f32]],
+        rules: &[Option<LocalRule>],
+        scratch: &mut [f32],
+        o: &mut [f32],
+    ) {
+        let (bb, len, k) = (block.base, o.len(), s.selectors.len());
+        let lambda = s.lambda;
+        let (deltas, rest) = scratch.split_at_mut(k * BLOCK);
+        let (sum, div) = rest.split_at_mut(BLOCK);
+        let (sum, div) = (&mut sum[..len], &mut div[..len]);
+        for (j, sel) in s.selectors.iter().enumerate() {
+            let d = &mut deltas[j * BLOCK..j * BLOCK + len];
+            let m = models[j];
+            let (scale, w) = (sel.scale(), s.weights[j]);
+            match (sel.keep(), &rules[j]) {
+                (Keep::All, _) => {
+                    for ((d, &m), &b) in d.iter_mut().zip(m).zip(bb) {
+                        *d = (m - b) * scale * w;
+                    }
+                }
+                (Keep::Nothing, _) => d.fill(0.0),
+                (Keep::Bits(words), _) => {
+                    masked_deltas(d, m, bb, &words[block.start / 64..], scale, w)
+                }
+                (Keep::Window(_), rule) => {
+                    let rule = rule.expect("a window has its chunk rule");
+                    let (m, b) = (&m[..len], &bb[..len]);
+                    let first = block.offset as u32;
+                    for i in 0..len {
+                        let x = m[i] - b[i];
+                        // × 1.0 or × 0.0, as in `masked_deltas`
+                        let keep = u32::from(rule.keeps(abs_bits(x), first + i as u32)) as f32;
+                        d[i] = x * scale * w * keep;
+                    }
+                }
+            }
+        }
+        let deltas = || (0..k).map(|j| &deltas[j * BLOCK..j * BLOCK + len]);
+        if s.consensus {
+            sum.fill(0.0);
+            div.fill(0.0);
+            o.fill(0.0);
+            for d in deltas() {
+                for (s, &d) in sum.iter_mut().zip(d) {
+                    *s += d;
+                }
+            }
+            for (d, &w) in deltas().zip(&s.weights) {
+                elect(o, div, sum, d, w);
+            }
+            if s.normalize {
+                for ((o, &dv), &b) in o.iter_mut().zip(&*div).zip(bb) {
+                    // ÷ dv, or ÷ 1 where no model agreed (branch-free, so it vectorises)
+                    let dv = dv + f32::from(u8::from(dv == 0.0));
+                    *o = b + (*o / dv) * lambda;
+                }
+            } else {
+                for (o, &b) in o.iter_mut().zip(bb) {
+                    *o = b + *o * lambda;
+                }
+            }
+        } else {
+            let mut all = deltas();
+            o.copy_from_slice(all.next().expect("at least one model"));
+            for d in all {
+                for (o, &d) in o.iter_mut().zip(d) {
+                    *o += d;
+                }
+            }
+            let inv = if s.normalize { s.total } else { 1.0 };
+            for (o, &b) in o.iter_mut().zip(bb) {
+                *o = b + (*o / inv) * lambda;
+            }
+        }
+    }
+}
+
+avx2_fn!(fn merge_block(
+    s: &TaStream,
+    block: &Block<'_>,
+    models: &[&[f32]],
+    rules: &[Option<LocalRule>],
+    scratch: &mut [f32],
+    o: &mut [f32],
+) => TaStream::merge_block_body);
+
 /// Add the entries of `d` whose sign agrees with the elected sign (that of `sum`, `+` for 0)
 /// to `acc`, and their weight `w` to `div`. Branch-free (× 1 or × 0), so the loop vectorises.
-#[inline]
+#[inline(always)]
 fn elect(acc: &mut [f32], div: &mut [f32], sum: &[f32], d: &[f32], w: f32) {
     let n = acc.len();
     let (div, sum, d) = (&mut div[..n], &sum[..n], &d[..n]);
@@ -490,6 +573,7 @@ fn elect(acc: &mut [f32], div: &mut [f32], sum: &[f32], d: &[f32], w: f32) {
 /// `d = keep ? (m − b)·scale·w : 0`, with `keep` from the bitset `words` (bit `i % 64` of word
 /// `i / 64`); eight entries at a time with constant shifts, so the loop vectorises. A dropped
 /// entry becomes ±0, which neither votes in the sign election nor changes a sum.
+#[inline(always)]
 fn masked_deltas(d: &mut [f32], m: &[f32], b: &[f32], words: &[u64], scale: f32, w: f32) {
     let full = d.len() / 8 * 8;
     let groups = d[..full]
@@ -680,6 +764,55 @@ mod tests {
             err.contains("test.weight") && err.contains("epsilon"),
             "{err}"
         );
+    }
+
+    /// The AVX2 build of the fused pass (picked at run time where the CPU has it) gives the
+    /// same bits as the portable one.
+    #[test]
+    fn dispatched_block_equals_the_portable_body() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(4);
+        let n = BLOCK;
+        let mut draw = || -> Vec<f32> { (0..n).map(|_| rng.random::<f32>() - 0.5).collect() };
+        let (b, m0, m1) = (draw(), draw(), draw());
+        let words: Vec<u64> = (0..n / 64)
+            .map(|i| 0x9e37_79b9_7f4a_7c15u64.rotate_left(i as u32))
+            .collect();
+        for preset in [&TIES, &DARE_LINEAR] {
+            let mp = vec![params(&[("weight", 0.7)]), params(&[("weight", 1.3)])];
+            let shape = [n];
+            let inp = input(preset, &shape, Some(&b), vec![&m0, &m1], mp, params(&[]), 0);
+            let selectors = vec![
+                Selector::decided(n, Keep::Bits(words.clone()), 1.5),
+                Selector::decided(n, Keep::All, 1.0),
+            ];
+            let stream = preset.pipeline(&inp.spec(), selectors).unwrap();
+            let block = Block {
+                start: 0,
+                offset: 0,
+                base: &b,
+            };
+            let models: Vec<&[f32]> = vec![&m0, &m1];
+            let mut scratch = vec![0.0f32; 4 * BLOCK];
+            let (mut fast, mut plain) = (vec![0.0f32; n], vec![0.0f32; n]);
+            stream.merge_block(&block, &models, &[None, None], &mut scratch, &mut fast);
+            TaStream::merge_block_body(
+                &stream,
+                &block,
+                &models,
+                &[None, None],
+                &mut scratch,
+                &mut plain,
+            );
+            assert!(
+                fast.iter()
+                    .zip(&plain)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{}",
+                preset.name()
+            );
+        }
     }
 
     #[test]
