@@ -432,7 +432,7 @@ impl Stream for TaStream {
                 };
                 let models: Vec<&[f32]> = chunk.models.iter().map(|m| &m[off..off + len]).collect();
                 let o = &mut out[off..off + len];
-                self.merge_block(&block, &models, &rules, &mut scratch, o);
+                merge_block(self, &block, &models, &rules, &mut scratch, o);
             }
         });
         Ok(())
@@ -454,18 +454,7 @@ struct Block<'a> {
 
 impl TaStream {
     /// The fused pipeline over one block: weighted, selected task vectors, then consensus and
-    /// sum, normalisation, λ and the base.
-    fn merge_block(
-        &self,
-        block: &Block<'_>,
-        models: &[&[f32]],
-        rules: &[Option<LocalRule>],
-        scratch: &mut [f32],
-        o: &mut [f32],
-    ) {
-        merge_block(self, block, models, rules, scratch, o)
-    }
-
+    /// sum, normalisation, λ and the base (called through the run-time dispatch `merge_block`).
     #[inline(always)]
     fn merge_block_body(
         s: &TaStream,
@@ -796,7 +785,14 @@ mod tests {
             let models: Vec<&[f32]> = vec![&m0, &m1];
             let mut scratch = vec![0.0f32; 4 * BLOCK];
             let (mut fast, mut plain) = (vec![0.0f32; n], vec![0.0f32; n]);
-            stream.merge_block(&block, &models, &[None, None], &mut scratch, &mut fast);
+            merge_block(
+                &stream,
+                &block,
+                &models,
+                &[None, None],
+                &mut scratch,
+                &mut fast,
+            );
             TaStream::merge_block_body(
                 &stream,
                 &block,
