@@ -2,9 +2,12 @@
 //! parameters, see [`crate::merge::plan`]); execution merges them in parallel (rayon) into a
 //! [`Sink`] — the shard writer on disk, or a map in memory for search candidates.
 //!
-//! Memory stays flat: each output tensor is read, merged and handed to the sink as soon as it is
-//! ready, and an in-flight budget caps how many tensor bytes are held at once (a tensor larger
-//! than the budget runs alone). Whole models are never loaded.
+//! Memory stays flat. A method that streams ([`crate::merge::MergeMethod::stream`]) merges a
+//! tensor chunk by chunk: each chunk of its inputs is read (positioned reads) just before it is
+//! merged, and handed to the sink at once — the shard writer takes pieces, so nothing of the
+//! tensor's size is held. Other methods get whole tensors, and an in-flight budget caps how many
+//! tensor bytes are held at once (a tensor larger than the budget runs alone). Whole models are
+//! never loaded.
 //!
 //! ```no_run
 //! # fn main() -> evomerge::Result<()> {

@@ -5,6 +5,11 @@
 //! recipe layer validates user parameters against those declarations, and the search reads its
 //! gene ranges from them — neither names a method.
 //!
+//! A method may also offer its merge as a [`stream::Stream`] — statistics passes over chunks,
+//! then an elementwise pass — which the executor runs chunk by chunk from disk to disk; `merge`
+//! must give the same values (the streaming methods implement `merge` by running the stream over
+//! in-memory slices, so there is one implementation of each formula).
+//!
 //! Registry keys match mergekit's (`linear`, `ties`, `dare_ties`, ...), see [`registry`].
 
 use std::collections::BTreeMap;
