@@ -451,6 +451,51 @@ fn finish_with_a_missing_tensor_errors_and_leaves_nothing() {
     assert!(listing(tmp.path()).is_empty(), "{:?}", listing(tmp.path()));
 }
 
+/// A tensor written in pieces (any order, bf16) reads back whole, and its pieces read back by
+/// range; a piece past the end, or more elements than the tensor has, is an error naming it; a
+/// tensor missing a piece is never finished.
+#[test]
+fn tensors_written_in_ranges_read_back_and_must_be_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("out");
+    let infos = [info("a", DType::BF16, &[2, 3]), info("b", DType::F32, &[4])];
+    let w = ModelWriter::create(&target, &infos, &WriteConfig::default()).unwrap();
+    w.write_range("a", 4, &[5.0, 6.0]).unwrap();
+    w.write_range("a", 0, &[1.0, 2.0, 3.0, 4.0]).unwrap();
+    let e = w.write_range("a", 5, &[7.0, 8.0]).unwrap_err().to_string();
+    assert!(e.contains("`a`") && e.contains("5..7"), "{e}");
+    let e = w.write_range("a", 0, &[1.0]).unwrap_err().to_string();
+    assert!(e.contains("`a`") && e.contains("written twice"), "{e}");
+    w.write_range("b", 0, &[1.0, 2.0]).unwrap();
+    let e = w.finish(&json!({}), None, "").unwrap_err().to_string();
+    assert!(e.contains("`a`") && e.contains("more than once"), "{e}");
+    assert!(e.contains("(and 1 more)"), "{e}");
+    assert!(!target.exists());
+
+    let w = ModelWriter::create(&target, &infos, &WriteConfig::default()).unwrap();
+    w.write("a", &[0.0; 6]).unwrap();
+    w.write_range("b", 1, &[1.0, 2.0]).unwrap();
+    let e = w.finish(&json!({}), None, "").unwrap_err().to_string();
+    assert!(e.contains("`b`") && e.contains("2 of 4 elements"), "{e}");
+
+    let w = ModelWriter::create(&target, &infos, &WriteConfig::default()).unwrap();
+    w.write_range("a", 3, &[4.0, 5.0, 6.0]).unwrap();
+    w.write_range("a", 0, &[1.0, 2.0, 3.0]).unwrap();
+    w.write_range("b", 2, &[-3.0, -4.0]).unwrap();
+    w.write_range("b", 0, &[-1.0, -2.0]).unwrap();
+    w.finish(&json!({}), None, "").unwrap();
+    let m = Model::open(&target).unwrap();
+    assert_eq!(m.read("a").unwrap().data, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let mut piece = [0.0f32; 2];
+    m.read_range_into("b", 1, &mut piece).unwrap();
+    assert_eq!(piece, [-2.0, -3.0]);
+    let e = m
+        .read_range_into("b", 3, &mut piece)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`b`") && e.contains("3..5"), "{e}");
+}
+
 #[test]
 fn create_on_an_existing_target_errors() {
     let tmp = tempfile::tempdir().unwrap();

@@ -336,22 +336,27 @@ impl ModelWriter {
         donor: Option<&Path>,
         model_card: &str,
     ) -> Result<PathBuf> {
-        let missing: Vec<&str> = self
+        let incomplete: Vec<&Slot> = self
             .slots
             .iter()
             .filter(|s| s.written.load(Ordering::Acquire) != s.info.numel())
-            .map(|s| s.info.name.as_str())
             .collect();
-        if let Some(first) = missing.first() {
-            let more = if missing.len() > 1 {
-                format!(" (and {} more)", missing.len() - 1)
+        if let Some(first) = incomplete.first() {
+            let more = if incomplete.len() > 1 {
+                format!(" (and {} more)", incomplete.len() - 1)
             } else {
                 String::new()
             };
+            let (written, numel) = (first.written.load(Ordering::Acquire), first.info.numel());
+            let what = match written {
+                0 => "never written".to_string(),
+                w if w < numel => format!("incompletely written ({w} of {numel} elements)"),
+                _ => "written more than once".to_string(),
+            };
             return Err(Error::Tensor {
-                tensor: first.to_string(),
+                tensor: first.info.name.clone(),
                 msg: format!(
-                    "never written to {}{more}; output discarded",
+                    "{what} to {}{more}; output discarded",
                     self.target.display()
                 ),
             });
