@@ -63,6 +63,55 @@ fn tiny_qwen2_with_bias_and_tied_head_matches_transformers_reference() {
     check_reference("tiny_qwen2");
 }
 
+/// Llama 3.1's `llama3` RoPE scaling (all three frequency bands in use) matches transformers;
+/// the same weights with plain RoPE do not, so the scaling is what makes the match.
+#[test]
+fn llama3_rope_scaling_matches_transformers_reference() {
+    check_reference("tiny_llama3_rope");
+    let dir = data_dir("tiny_llama3_rope");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["rope_parameters"]["rope_type"] = json!("default");
+    let plain = tempfile::tempdir().unwrap();
+    std::fs::write(plain.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        dir.join("model.safetensors"),
+        plain.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let reference =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let ids = reference["input_ids"]
+        .to_dtype(candle_core::DType::U32)
+        .unwrap();
+    let cand = Candidate {
+        body: CandidateBody::Dir(plain.path().to_path_buf()),
+        recipe: None,
+    };
+    let got = build(&cand, &Device::Cpu).unwrap().forward(&ids).unwrap();
+    let rel = max_rel_diff(&logits_vec(&got), &logits_vec(&reference["logits"]));
+    assert!(
+        rel > 1e-2,
+        "plain RoPE should differ, max relative difference {rel}"
+    );
+}
+
+/// Unsupported RoPE scaling is an error naming the type, not silently different logits.
+#[test]
+fn unsupported_rope_scaling_is_an_error() {
+    let dir = data_dir("tiny_llama3_rope");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["rope_parameters"]["rope_type"] = json!("yarn");
+    let err = evomerge::model::LlamaConfig::from_json(&config)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("yarn") && err.contains("not supported"),
+        "{err}"
+    );
+}
+
 /// One layer, hidden 2, one head, a single token: RoPE at position 0 is the identity, attention
 /// over one position returns v, the MLP is zero. With embedding e = [3, 4], unit norms, eps 0:
 /// n = e / rms(e) = e / √12.5; x = e + n is parallel to e, so the final norm gives n again, and

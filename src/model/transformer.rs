@@ -7,8 +7,8 @@
 //! `h += down_proj(silu(gate_proj(x)) * up_proj(x))` on `post_attention_layernorm(h)`, a final
 //! RMSNorm and the LM head (or the tied embedding matrix). Attention is causal, grouped-query
 //! (`num_key_value_heads` ≤ `num_attention_heads`), with rotary embeddings in the HF
-//! `rotate_half` convention and optional q/k/v biases (Qwen2). Logits come back for every
-//! position.
+//! `rotate_half` convention (plain, `linear` or Llama 3.1's `llama3` frequency scaling; other
+//! scalings are refused) and optional q/k/v biases (Qwen2). Logits come back for every position.
 //!
 //! ```no_run
 //! # use evomerge::model::transformer::Transformer;
@@ -49,6 +49,8 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// RoPE frequency scaling (`rope_scaling` / `rope_parameters`).
+    pub rope_scaling: RopeScaling,
     pub vocab_size: usize,
     pub tie_word_embeddings: bool,
 }
@@ -67,30 +69,116 @@ fn get_usize(v: &Value, key: &str) -> Result<usize> {
         .ok_or_else(|| cfg_err(format!("missing or non-integer `{key}`")))
 }
 
-/// `rope_theta` from the top level (transformers 4) or `rope_parameters` (transformers 5).
-/// Only plain RoPE is implemented: a scaled variant (`llama3`, `yarn`, ...) is an error rather
-/// than silently different logits.
-fn rope_theta(v: &Value) -> Result<f64> {
+/// How RoPE frequencies are scaled for long context (transformers' `rope_type`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE (`default`).
+    None,
+    /// `linear` (position interpolation, Chen et al. 2023): every frequency ÷ `factor`.
+    Linear { factor: f64 },
+    /// `llama3` (Llama 3.1+): wavelengths above `original / low_freq_factor` ÷ `factor`, those
+    /// below `original / high_freq_factor` unchanged, a smooth blend between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// `rope_theta` and the frequency scaling, from the top level and `rope_scaling`
+/// (transformers 4) or `rope_parameters` (transformers 5). `linear` and `llama3` scaling are
+/// implemented; another type (`yarn`, `dynamic`, ...) is an error rather than silently
+/// different logits.
+fn rope_settings(v: &Value) -> Result<(f64, RopeScaling)> {
+    let mut theta = v
+        .get("rope_theta")
+        .and_then(Value::as_f64)
+        .unwrap_or(10_000.0);
+    let mut scaling = RopeScaling::None;
     for key in ["rope_scaling", "rope_parameters"] {
-        if let Some(p) = v.get(key).filter(|p| !p.is_null()) {
-            let kind = p
-                .get("rope_type")
-                .or_else(|| p.get("type"))
-                .and_then(Value::as_str)
-                .unwrap_or("default");
-            if kind != "default" {
+        let Some(p) = v.get(key).filter(|p| !p.is_null()) else {
+            continue;
+        };
+        if let Some(t) = p.get("rope_theta").and_then(Value::as_f64) {
+            theta = t;
+        }
+        let kind = p
+            .get("rope_type")
+            .or_else(|| p.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let num = |name: &str| {
+            p.get(name)
+                .and_then(Value::as_f64)
+                .ok_or_else(|| cfg_err(format!("`{key}` of type `{kind}` needs a number `{name}`")))
+        };
+        scaling = match kind {
+            "default" => scaling,
+            "linear" => RopeScaling::Linear {
+                factor: num("factor")?,
+            },
+            "llama3" => {
+                let s = RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: num("low_freq_factor")?,
+                    high_freq_factor: num("high_freq_factor")?,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                };
+                if let RopeScaling::Llama3 {
+                    low_freq_factor,
+                    high_freq_factor,
+                    ..
+                } = s
+                    && high_freq_factor <= low_freq_factor
+                {
+                    return Err(cfg_err(format!(
+                        "`{key}`: high_freq_factor {high_freq_factor} must exceed \
+                         low_freq_factor {low_freq_factor}"
+                    )));
+                }
+                s
+            }
+            other => {
                 return Err(cfg_err(format!(
-                    "`{key}` type `{kind}` is not supported (only plain RoPE)"
+                    "`{key}` type `{other}` is not supported (plain, `linear` and `llama3` \
+                     RoPE are)"
                 )));
             }
-            if let Some(t) = p.get("rope_theta").and_then(Value::as_f64) {
-                return Ok(t);
-            }
-        }
+        };
     }
-    Ok(v.get("rope_theta")
-        .and_then(Value::as_f64)
-        .unwrap_or(10_000.0))
+    Ok((theta, scaling))
+}
+
+/// The RoPE inverse frequencies `θ^(−2i/d)` of the `d / 2` pairs, scaled as the config says
+/// (transformers' `_compute_*_rope_parameters`).
+fn inv_freqs(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| {
+            let f = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+            match scaling {
+                RopeScaling::None => f,
+                RopeScaling::Linear { factor } => f / factor,
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings: old,
+                } => {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < old / high_freq_factor {
+                        f
+                    } else if wavelen > old / low_freq_factor {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                }
+            }
+        })
+        .collect()
 }
 
 impl LlamaConfig {
@@ -127,6 +215,7 @@ impl LlamaConfig {
                 "head_dim {head_dim} must be even for RoPE"
             )));
         }
+        let (rope_theta, rope_scaling) = rope_settings(v)?;
         Ok(LlamaConfig {
             hidden_size,
             intermediate_size: get_usize(v, "intermediate_size")?,
@@ -138,7 +227,8 @@ impl LlamaConfig {
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
                 .unwrap_or(1e-6),
-            rope_theta: rope_theta(v)?,
+            rope_theta,
+            rope_scaling,
             vocab_size: get_usize(v, "vocab_size")?,
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
@@ -368,12 +458,7 @@ impl Transformer {
             ))
         })?;
         let (_, s, _) = x.dims3()?;
-        let rope = rope_tables(
-            s,
-            self.config.head_dim,
-            self.config.rope_theta,
-            &self.device,
-        )?;
+        let rope = rope_tables(s, &self.config, &self.device)?;
         let mask = causal_mask(s, &self.device)?;
         self.run_layer(l, x, &rope, &mask)
     }
@@ -388,12 +473,7 @@ impl Transformer {
     pub fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
         let mut x = self.embed(input_ids)?;
         let (_, s, _) = x.dims3()?;
-        let rope = rope_tables(
-            s,
-            self.config.head_dim,
-            self.config.rope_theta,
-            &self.device,
-        )?;
+        let rope = rope_tables(s, &self.config, &self.device)?;
         let mask = causal_mask(s, &self.device)?;
         for l in &self.layers {
             x = self.run_layer(l, &x, &rope, &mask)?;
@@ -490,12 +570,7 @@ pub fn forward_route(models: &[&Transformer], route: &Route, input_ids: &Tensor)
             )));
         }
         if let std::collections::hash_map::Entry::Vacant(e) = tables.entry(hop.model) {
-            e.insert(rope_tables(
-                s,
-                m.config.head_dim,
-                m.config.rope_theta,
-                &m.device,
-            )?);
+            e.insert(rope_tables(s, &m.config, &m.device)?);
         }
         if hop.scale != 1.0 {
             x = (x * hop.scale as f64)?;
@@ -572,23 +647,25 @@ fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     x * sig
 }
 
-/// `cos` and `sin` tables `[seq, head_dim]` for RoPE: angle `p · θ^(−2i/d)` for pair `i`,
-/// the halves concatenated (HF layout).
+/// `cos` and `sin` tables `[seq, head_dim]` for RoPE: angle `p · f_i` for pair `i` with the
+/// config's (scaled) inverse frequencies, the halves concatenated (HF layout).
 fn rope_tables(
     seq: usize,
-    head_dim: usize,
-    theta: f64,
+    config: &LlamaConfig,
     device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    let head_dim = config.head_dim;
+    // transformers keeps inv_freq in f32 and forms the product in f32; match that
+    let freqs: Vec<f32> = inv_freqs(head_dim, config.rope_theta, config.rope_scaling)
+        .into_iter()
+        .map(|f| f as f32)
+        .collect();
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(seq * head_dim);
     let mut sin = Vec::with_capacity(seq * head_dim);
     for p in 0..seq {
         for j in 0..head_dim {
-            let i = j % half;
-            // transformers computes inv_freq in f32 and the product in f32; match that.
-            let inv_freq = (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32;
-            let angle = p as f32 * inv_freq;
+            let angle = p as f32 * freqs[j % half];
             cos.push(angle.cos());
             sin.push(angle.sin());
         }
@@ -628,4 +705,57 @@ fn causal_mask(seq: usize, device: &Device) -> candle_core::Result<Tensor> {
         }
     }
     Tensor::from_vec(m, (seq, seq), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_scalings_scale_the_frequencies() {
+        let plain = inv_freqs(8, 500.0, RopeScaling::None);
+        // θ^(−2i/8) for θ = 500: 1, 500^−¼, 500^−½, 500^−¾
+        assert!((plain[2] - 500f64.powf(-0.5)).abs() < 1e-12);
+        let linear = inv_freqs(8, 500.0, RopeScaling::Linear { factor: 4.0 });
+        for (l, p) in linear.iter().zip(&plain) {
+            assert!((l - p / 4.0).abs() < 1e-15);
+        }
+        // wavelengths 2π/f ≈ 6.3, 29.8, 140, 665 against bands 64/4 = 16 and 64/1 = 64: the
+        // first kept, the second blended, the others ÷ 8
+        let llama3 = inv_freqs(
+            8,
+            500.0,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64.0,
+            },
+        );
+        assert_eq!(llama3[0], plain[0]);
+        let smooth = (64.0 / (2.0 * std::f64::consts::PI / plain[1]) - 1.0) / 3.0;
+        assert!(smooth > 0.0 && smooth < 1.0);
+        assert!((llama3[1] - ((1.0 - smooth) * plain[1] / 8.0 + smooth * plain[1])).abs() < 1e-15);
+        assert_eq!(llama3[2], plain[2] / 8.0);
+        assert_eq!(llama3[3], plain[3] / 8.0);
+    }
+
+    #[test]
+    fn rope_settings_read_both_config_layouts() {
+        let v4 = serde_json::json!({
+            "rope_theta": 1e6,
+            "rope_scaling": {"type": "linear", "factor": 2.0}
+        });
+        assert_eq!(
+            rope_settings(&v4).unwrap(),
+            (1e6, RopeScaling::Linear { factor: 2.0 })
+        );
+        let v5 = serde_json::json!({
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}
+        });
+        assert_eq!(rope_settings(&v5).unwrap(), (5e5, RopeScaling::None));
+        let missing = serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}});
+        let err = rope_settings(&missing).unwrap_err().to_string();
+        assert!(err.contains("low_freq_factor"), "{err}");
+    }
 }
