@@ -134,7 +134,11 @@ fn synthetic(out: &std::path::Path) -> evomerge::Result<RunSummary> {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let out = std::env::temp_dir().join(format!("evomerge-bench-{}", std::process::id()));
+    // the run's history, plots and recipe live in a temporary directory removed at exit
+    let temp = tempfile::Builder::new()
+        .prefix("evomerge-bench-search")
+        .tempdir()?;
+    let out = temp.path().join("run");
     let (label, summary) = match args.first() {
         None => (
             "synthetic (36 genes, 20 ms evaluations)".to_string(),
@@ -173,7 +177,6 @@ fn main() -> anyhow::Result<()> {
         1e3 * overhead / summary.evaluated.max(1) as f64,
         100.0 * overhead / summary.loop_seconds
     );
-    println!("  output: {}", out.display());
     if let Some(path) = args.first() {
         let def = SearchDef::load(path.as_ref())?;
         let yaml_path = out.join("best_recipe.yaml");

@@ -114,6 +114,24 @@ enum Command {
     },
     /// Score model directories and merge recipes (built in memory) on held-out tasks; prints a
     /// Markdown table per task and split.
+    /// Compute a causal LM's diagonal Fisher on task examples and write MODEL/fisher.safetensors
+    /// (what `merge_method: fisher` reads).
+    Fisher {
+        /// The model directory.
+        model: PathBuf,
+        /// A tasks TOML file (as for `eval`) whose examples the Fisher is taken over.
+        #[arg(long)]
+        tasks: PathBuf,
+        /// Which split's examples (dev or test).
+        #[arg(long, default_value = "dev")]
+        split: String,
+        /// At most this many examples per task (the first ones).
+        #[arg(long, default_value_t = 256)]
+        max_examples: usize,
+        /// Rescale the Fisher to mean 1 over all entries (see `merge::fisher::normalize_fisher`).
+        #[arg(long)]
+        normalize: bool,
+    },
     Eval {
         /// A TOML file with `[[tasks]]` entries (name, path, metric, weight, max_new_tokens,
         /// stop, limit); paths relative to the file.
@@ -131,13 +149,6 @@ enum Command {
     },
 }
 
-/// The `--tasks` file of `evomerge eval`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TaskFile {
-    tasks: Vec<evomerge::eval::tasks::TaskSpec>,
-}
-
 fn is_recipe(path: &std::path::Path) -> bool {
     path.extension().is_some_and(|e| e == "yml" || e == "yaml")
 }
@@ -148,24 +159,65 @@ fn lm_evaluator(
     tokenizer_dir: &std::path::Path,
 ) -> anyhow::Result<evomerge::eval::lm::LmEvaluator> {
     use evomerge::eval::lm::{LmConfig, LmEvaluator};
-    use evomerge::eval::tasks::Task;
 
-    let text =
-        std::fs::read_to_string(tasks).with_context(|| format!("reading {}", tasks.display()))?;
-    let file: TaskFile =
-        toml::from_str(&text).with_context(|| format!("parsing {}", tasks.display()))?;
-    let base = tasks.parent().unwrap_or(std::path::Path::new("."));
-    let loaded = file
-        .tasks
-        .iter()
-        .map(|t| Task::load(&t.relative_to(base)))
-        .collect::<evomerge::Result<Vec<_>>>()?;
+    let loaded = evomerge::eval::tasks::load_task_file(tasks)?;
     let tokenizer = evomerge::tokenizer::load_tokenizer(tokenizer_dir)?;
     Ok(LmEvaluator::try_new(
         loaded,
         std::sync::Arc::from(tokenizer),
         LmConfig::default(),
     )?)
+}
+
+/// `evomerge fisher`: the model's diagonal Fisher over task examples, beside the model.
+fn fisher_command(
+    model_dir: &std::path::Path,
+    tasks: &std::path::Path,
+    split: &str,
+    max_examples: usize,
+    normalize: bool,
+) -> anyhow::Result<()> {
+    use evomerge::merge::fisher::{
+        FISHER_FILE, lm_examples, lm_fisher, normalize_fisher, save_fisher,
+    };
+
+    let split = match split {
+        "dev" => evomerge::eval::Split::Dev,
+        "test" => evomerge::eval::Split::Test,
+        other => anyhow::bail!("unknown split `{other}` (dev or test)"),
+    };
+    let tokenizer = evomerge::tokenizer::load_tokenizer(model_dir)?;
+    let mut examples = Vec::new();
+    for task in evomerge::eval::tasks::load_task_file(tasks)? {
+        let take = &task.examples(split)[..task.examples(split).len().min(max_examples)];
+        examples.extend(
+            lm_examples(take, tokenizer.as_ref())
+                .with_context(|| format!("task `{}`", task.spec.name))?,
+        );
+    }
+    let disk = evomerge::store::Model::open(model_dir)?;
+    let tensors = disk
+        .tensors()
+        .iter()
+        .map(|info| Ok((info.name.clone(), disk.read(&info.name)?)))
+        .collect::<evomerge::Result<evomerge::candidate::TensorMap>>()?;
+    let model = evomerge::candidate::MemModel {
+        config: disk.config().clone(),
+        tensors,
+    };
+    let start = std::time::Instant::now();
+    let mut fisher = lm_fisher(&model, &examples)?;
+    if normalize {
+        normalize_fisher(&mut fisher);
+    }
+    save_fisher(model_dir, &fisher)?;
+    eprintln!(
+        "Fisher over {} examples in {:.1} s; wrote {}",
+        examples.len(),
+        start.elapsed().as_secs_f64(),
+        model_dir.join(FISHER_FILE).display()
+    );
+    Ok(())
 }
 
 /// `evomerge eval`: build each candidate (recipes merged in memory), score both splits, print.
@@ -407,6 +459,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             split,
         } => eval_command(&tasks, &models, seed, split.as_deref())?,
+        Command::Fisher {
+            model,
+            tasks,
+            split,
+            max_examples,
+            normalize,
+        } => fisher_command(&model, &tasks, &split, max_examples, normalize)?,
         Command::Align {
             reference,
             other,

@@ -126,3 +126,102 @@ fn a_search_killed_mid_generation_resumes_to_the_same_best_genome() {
     assert_eq!(best_genome(&killed), best_genome(&full));
     assert_eq!(history_lines(&killed), 16);
 }
+
+/// `evomerge fisher` on the toy experts, each on its own task: the file holds every tensor of
+/// the model, non-negative, zero exactly on the embedding rows of characters no example feeds
+/// in; and the Fisher merge of the two experts scores far above their plain average on the
+/// test split (34.2 % there; the Fisher merge 45–68 % for 16–200 examples, raw or normalised,
+/// when measured by hand).
+#[test]
+fn fisher_command_weights_the_toy_experts_better_than_the_average() {
+    use std::sync::Arc;
+
+    use evomerge::candidate::{Candidate, CandidateBody};
+    use evomerge::eval::lm::{LmConfig, LmEvaluator};
+    use evomerge::eval::{Evaluator, Split};
+    use evomerge::merge::executor::merge_in_memory;
+    use evomerge::recipe::Recipe;
+    use evomerge::store::ModelSet;
+    use evomerge::tokenizer::{CharTokenizer, TextTokenizer};
+
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
+    let tmp = tempfile::tempdir().unwrap();
+    for (expert, max_new) in [("add", 5), ("cipher", 14)] {
+        let dir = tmp.path().join(expert);
+        fs::create_dir(&dir).unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            fs::copy(toy.join(expert).join(f), dir.join(f)).unwrap();
+        }
+        let tasks = tmp.path().join(format!("{expert}.toml"));
+        fs::write(
+            &tasks,
+            format!(
+                "[[tasks]]\nname = \"{expert}\"\npath = \"{}\"\nmetric = \"exact_match\"\nmax_new_tokens = {max_new}\n",
+                toy.join("tasks").join(expert).display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(bin())
+            .args(["fisher", dir.to_str().unwrap(), "--tasks"])
+            .arg(&tasks)
+            .args(["--max-examples", "32", "--normalize"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // the add expert's Fisher: every tensor; embedding rows of unseen characters exactly 0
+    let fisher =
+        evomerge::model::mlp::load_tensors(&tmp.path().join("add/fisher.safetensors")).unwrap();
+    let model =
+        evomerge::model::mlp::load_tensors(&tmp.path().join("add/model.safetensors")).unwrap();
+    assert_eq!(
+        fisher.keys().collect::<Vec<_>>(),
+        model.keys().collect::<Vec<_>>()
+    );
+    assert!(fisher.values().all(|t| t.data.iter().all(|&v| v >= 0.0)));
+    let embed = &fisher["model.embed_tokens.weight"];
+    let hidden = embed.shape[1];
+    let row = |c: char| {
+        let id = CharTokenizer.encode(&c.to_string()).unwrap()[0] as usize;
+        embed.data[id * hidden..(id + 1) * hidden]
+            .iter()
+            .map(|v| f64::from(*v))
+            .sum::<f64>()
+    };
+    assert_eq!(row('q'), 0.0, "no add example contains `q`");
+    assert!(row('+') > 0.0, "every add example contains `+`");
+
+    let recipe = |method: &str, params: &str| {
+        let yaml = format!(
+            "merge_method: {method}\nmodels:\n  - model: {}\n    parameters: {{{params}}}\n  - model: {}\n    parameters: {{{params}}}\ndtype: float32\n",
+            tmp.path().join("add").display(),
+            tmp.path().join("cipher").display()
+        );
+        let recipe = Recipe::from_str(&yaml, None).unwrap();
+        Candidate {
+            body: CandidateBody::Merged(Arc::new(
+                merge_in_memory(&recipe, &mut ModelSet::new(), 0).unwrap(),
+            )),
+            recipe: None,
+        }
+    };
+    let tasks = evomerge::eval::tasks::load_task_file(&toy.join("tasks.toml")).unwrap();
+    let eval = LmEvaluator::try_new(tasks, Arc::new(CharTokenizer), LmConfig::default()).unwrap();
+    let fisher = eval
+        .evaluate(&recipe("fisher", "weight: 1.0"), Split::Test)
+        .unwrap();
+    let average = eval
+        .evaluate(&recipe("linear", "weight: 1.0"), Split::Test)
+        .unwrap();
+    assert!(
+        fisher.primary > average.primary + 0.1,
+        "Fisher {:?} vs average {:?}",
+        fisher.metrics,
+        average.metrics
+    );
+}

@@ -124,6 +124,28 @@ impl TaskSpec {
     }
 }
 
+/// A tasks file (`evomerge eval --tasks`, `evomerge fisher --tasks`): `[[tasks]]` entries of
+/// [`TaskSpec`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFile {
+    tasks: Vec<TaskSpec>,
+}
+
+/// Load every task of a tasks file, paths relative to the file.
+pub fn load_task_file(path: &Path) -> Result<Vec<Task>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let file: TaskFile = toml::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    file.tasks
+        .iter()
+        .map(|t| Task::load(&t.relative_to(base)))
+        .collect()
+}
+
 /// One example of a task.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Example {

@@ -25,7 +25,10 @@
 //! example reports both.
 //!
 //! Workflow: `Mlp::train` → `mlp_fisher(&mlp, &train_data, FisherLabels::Sampled(seed), 1000)` →
-//! `normalize_fisher` → `save_fisher(dir, &f)`; then a recipe with `merge_method: fisher`.
+//! `normalize_fisher` → `save_fisher(dir, &f)`; then a recipe with `merge_method: fisher`. For a
+//! causal LM, `evomerge fisher MODEL_DIR --tasks TASKS.toml` does the same over task examples
+//! ([`lm_examples`], [`lm_fisher`]): the empirical Fisher of each example's summed target-token
+//! log-likelihood.
 
 use std::path::Path;
 
@@ -199,6 +202,84 @@ pub fn mlp_fisher(
             }
         };
         Ok(log_p.get(y)?)
+    })
+}
+
+/// Token sequences for [`lm_fisher`] from task examples, as the LM evaluator reads them: bos
+/// (when the tokenizer has one) + prompt, then the target (a generation's target + eos, a
+/// choice's correct answer) whose tokens carry the log-likelihood; a text is all target.
+pub fn lm_examples(
+    examples: &[crate::eval::tasks::Example],
+    tokenizer: &dyn crate::tokenizer::TextTokenizer,
+) -> Result<Vec<crate::model::train::Example>> {
+    use crate::eval::tasks::Example as Task;
+    use crate::model::train::Example;
+    let bos: Vec<u32> = tokenizer.bos_id().into_iter().collect();
+    examples
+        .iter()
+        .map(|e| {
+            Ok(match e {
+                Task::Generation { prompt, target } => {
+                    let prompt: Vec<u32> = bos
+                        .iter()
+                        .copied()
+                        .chain(tokenizer.encode(prompt)?)
+                        .collect();
+                    let mut target = tokenizer.encode(target)?;
+                    target.extend(tokenizer.eos_id());
+                    Example::prompt_target(&prompt, &target)
+                }
+                Task::Choice {
+                    prompt,
+                    choices,
+                    answer,
+                } => {
+                    let prompt: Vec<u32> = bos
+                        .iter()
+                        .copied()
+                        .chain(tokenizer.encode(prompt)?)
+                        .collect();
+                    let choice = choices.get(*answer).ok_or_else(|| {
+                        Error::msg(format!("answer {answer} of {} choices", choices.len()))
+                    })?;
+                    Example::prompt_target(&prompt, &tokenizer.encode(choice)?)
+                }
+                Task::Text { text } => {
+                    let ids: Vec<u32> =
+                        bos.iter().copied().chain(tokenizer.encode(text)?).collect();
+                    Example::text(&ids)
+                }
+            })
+        })
+        .collect()
+}
+
+/// The diagonal empirical Fisher of a causal LM (our transformer forward) over `examples`: the
+/// mean over examples of the squared gradient of the example's summed log-likelihood of its
+/// target tokens. Returned under the model's tensor names (a tied head has no tensor of its own).
+pub fn lm_fisher(
+    model: &crate::candidate::MemModel,
+    examples: &[crate::model::train::Example],
+) -> Result<TensorMap> {
+    use crate::model::train::{lm_loss, make_batch};
+    let device = Device::Cpu;
+    let vars = model
+        .tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), Var::from_tensor(&t.to_candle(&device)?)?)))
+        .collect::<Result<Vec<(String, Var)>>>()?;
+    let by_name: std::collections::HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let net = crate::model::Transformer::from_tensors(&model.config, &by_name, &device)?;
+    fisher_diagonal(&vars, examples.len(), |k| {
+        // one example per batch: nothing is padded, so no id may be mistaken for padding
+        let (inputs, targets, mask) = make_batch(&[&examples[k]], u32::MAX, &device)?;
+        let tokens = f64::from(mask.sum_all()?.to_scalar::<f32>()?);
+        let mean_nll = lm_loss(&net.logits(&inputs)?, &targets, &mask)
+            .map_err(|e| Error::msg(format!("Fisher example {k}: {e}")))?;
+        Ok((mean_nll * -tokens)?)
     })
 }
 
