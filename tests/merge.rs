@@ -110,8 +110,8 @@ fn disk_merge_equals_memory_merge_and_shards() {
 /// Streamed merges (chunk by chunk, read with positioned reads, written in pieces to several
 /// shards) equal each method's whole-tensor merge, for tensors of many chunks — enough (17 in
 /// the embedding) that the top-k cut comes from a sample — and bf16 inputs, whose task vectors
-/// tie a lot. SLERP (a moments pass) and passthrough stream too; DELLA, which takes whole
-/// tensors, is checked through the same path.
+/// tie a lot. SLERP (a moments pass), model stock (a Gram pass, per tensor or per row) and
+/// passthrough stream too; DELLA, which takes whole tensors, is checked through the same path.
 #[test]
 fn streamed_disk_merges_equal_whole_tensor_merges() {
     use evomerge::merge::stream::STREAM_CHUNK;
@@ -119,8 +119,9 @@ fn streamed_disk_merges_equal_whole_tensor_merges() {
     use evomerge::tensor::DType;
 
     let tmp = tempfile::tempdir().unwrap();
+    // hidden 72: rows (model_stock's filter_wise) straddle chunk boundaries
     let spec = LlamaSpec {
-        hidden: 64,
+        hidden: 72,
         layers: 1,
         intermediate: 96,
         vocab: 8200,
@@ -171,16 +172,24 @@ fn streamed_disk_merges_equal_whole_tensor_merges() {
             "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\nparameters: {{t: 0.3}}\n"
         ),
     ));
+    for filter_wise in [false, true] {
+        recipes.push((
+            "model_stock",
+            format!(
+                "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{filter_wise: {filter_wise}}}\n"
+            ),
+        ));
+    }
     recipes.push((
         "passthrough",
         format!(
             "merge_method: passthrough\nmodels:\n  - model: {a}\n    parameters: {{scale: 0.5}}\n"
         ),
     ));
-    for (method, yaml) in recipes {
+    for (i, (method, yaml)) in recipes.into_iter().enumerate() {
         let recipe = Recipe::from_str(&yaml, None).unwrap();
         let mut models = ModelSet::new();
-        let out = tmp.path().join(format!("out-{method}"));
+        let out = tmp.path().join(format!("out-{i}-{method}"));
         let options = MergeOptions {
             seed: 5,
             max_shard_size: 400_000,

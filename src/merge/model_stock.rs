@@ -12,9 +12,8 @@
 //! With `filter_wise = true` the angle and `t` are computed per row (slices along the last
 //! axis) instead of once per tensor. Matches mergekit 0.1.5's `model_stock`.
 
-use rayon::prelude::*;
-
-use super::util::{CHUNK, base, check, global_flag};
+use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, downcast, run_in_memory};
+use super::util::{CHUNK, base, check, check_spec, global_flag};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
 
@@ -90,48 +89,95 @@ impl MergeMethod for ModelStock {
     fn merge(&self, input: &MergeInput<'_>) -> Result<Vec<f32>> {
         let n = check(self, input)?;
         let b = base(self, input)?;
-        let models = &input.models;
-        let k = models.len();
-        let filter_wise = global_flag(self.name(), input, "filter_wise")?;
+        let stream = self
+            .stream(&input.spec())?
+            .expect("model_stock always streams");
+        run_in_memory(stream, n, Some(b), &input.models)
+    }
+
+    fn stream(&self, spec: &StreamSpec<'_>) -> Result<Option<Box<dyn Stream>>> {
+        let n = check_spec(self, spec)?;
+        let filter_wise = global_flag(self.name(), spec, "filter_wise")?;
         // one t per row of `row` entries (filter_wise), or one for the whole tensor
-        let row = if filter_wise && input.shape.len() >= 2 {
-            input.shape[input.shape.len() - 1].max(1)
+        let row = if filter_wise && spec.shape.len() >= 2 {
+            spec.shape[spec.shape.len() - 1].max(1)
         } else {
             n.max(1)
         };
-        let ts: Vec<f32> = if filter_wise {
-            (0..n / row)
-                .into_par_iter()
-                .map(|r| ratio_from_gram(&gram(b, models, r * row..(r + 1) * row), k) as f32)
-                .collect()
-        } else {
-            let parts: Vec<Vec<f64>> = (0..n.div_ceil(CHUNK))
-                .into_par_iter()
-                .map(|c| gram(b, models, c * CHUNK..((c + 1) * CHUNK).min(n)))
-                .collect();
-            let mut g = vec![0.0f64; k * k];
-            for p in parts {
-                for (g, p) in g.iter_mut().zip(p) {
-                    *g += p;
-                }
+        Ok(Some(Box::new(StockStream {
+            k: spec.models,
+            row,
+            asked: false,
+            ts: Vec::new(),
+        })))
+    }
+}
+
+/// One pass for the task vectors' Gram statistics (per row, or per [`CHUNK`] piece summed in
+/// order), then `t · mean + (1 − t) · base` chunk by chunk.
+struct StockStream {
+    k: usize,
+    /// Entries per interpolation ratio.
+    row: usize,
+    asked: bool,
+    /// One ratio per row.
+    ts: Vec<f32>,
+}
+
+impl Stream for StockStream {
+    fn next_pass(&mut self, partials: Vec<Partial>) -> Result<Option<Pass>> {
+        if !self.asked {
+            self.asked = true;
+            return Ok(Some(Pass::All));
+        }
+        // (row, Gram of that row's entries in one piece), pieces in tensor order
+        let mut grams: Vec<Vec<f64>> = Vec::new();
+        for (r, g) in downcast::<Vec<(usize, Vec<f64>)>>(partials)
+            .into_iter()
+            .flatten()
+        {
+            if grams.len() <= r {
+                grams.resize(r + 1, vec![0.0; self.k * self.k]);
             }
-            vec![ratio_from_gram(&g, k) as f32]
-        };
-        let inv = k as f32;
-        let mut out = vec![0.0f32; n];
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-            let s = c * CHUNK;
-            for (i, o) in o.iter_mut().enumerate() {
-                let idx = s + i;
-                let mut sum = 0.0f32;
-                for m in models.iter() {
-                    sum += m[idx];
-                }
-                let t = ts[idx / row];
-                *o = t * (sum / inv) + (1.0 - t) * b[idx];
+            for (a, v) in grams[r].iter_mut().zip(g) {
+                *a += v;
             }
-        });
-        Ok(out)
+        }
+        self.ts = grams
+            .iter()
+            .map(|g| ratio_from_gram(g, self.k) as f32)
+            .collect();
+        Ok(None)
+    }
+
+    fn observe(&self, chunk: &Chunk<'_>) -> Result<Partial> {
+        let b = chunk.base.expect("model_stock has a base");
+        let (start, end) = (chunk.start, chunk.start + chunk.len());
+        // pieces end at row ends and at CHUNK boundaries (the whole-tensor sum's grouping)
+        let mut pieces = Vec::new();
+        let mut at = start;
+        while at < end {
+            let r = at / self.row;
+            let stop = end.min((r + 1) * self.row).min((at / CHUNK + 1) * CHUNK);
+            let local = at - start..stop - start;
+            pieces.push((r, gram(b, chunk.models, local)));
+            at = stop;
+        }
+        Ok(Box::new(pieces))
+    }
+
+    fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
+        let b = chunk.base.expect("model_stock has a base");
+        let inv = self.k as f32;
+        for (i, o) in out.iter_mut().enumerate() {
+            let mut sum = 0.0f32;
+            for m in chunk.models {
+                sum += m[i];
+            }
+            let t = self.ts[(chunk.start + i) / self.row];
+            *o = t * (sum / inv) + (1.0 - t) * b[i];
+        }
+        Ok(())
     }
 }
 
@@ -192,6 +238,41 @@ mod tests {
             &[2.0, 0.0, 0.0, 0.0],
             1e-6,
         );
+    }
+
+    /// Rows that straddle streamed chunks get the ratio of their whole row.
+    #[test]
+    fn rows_across_chunks_use_their_whole_row() {
+        use crate::merge::stream::STREAM_CHUNK;
+        let cols = 1000; // does not divide the chunk size
+        let rows = 2 * STREAM_CHUNK / cols + 3;
+        let n = rows * cols;
+        let base: Vec<f32> = (0..n).map(|i| ((i * 7) % 13) as f32 * 0.1).collect();
+        let a: Vec<f32> = (0..n)
+            .map(|i| base[i] + ((i * 5) % 11) as f32 * 0.01 - 0.05)
+            .collect();
+        let b: Vec<f32> = (0..n)
+            .map(|i| base[i] + ((i * 3) % 7) as f32 * 0.01 - 0.03)
+            .collect();
+        let shape = [rows, cols];
+        let inp = input(
+            &ModelStock,
+            &shape,
+            Some(&base),
+            vec![&a, &b],
+            vec![params(&[]), params(&[])],
+            params(&[("filter_wise", 1.0)]),
+            0,
+        );
+        let got = ModelStock.merge(&inp).unwrap();
+        for r in 0..rows {
+            let row = r * cols..(r + 1) * cols;
+            let t = ratio_from_gram(&gram(&base, &[&a, &b], row.clone()), 2) as f32;
+            for i in row {
+                let want = t * ((a[i] + b[i]) / 2.0) + (1.0 - t) * base[i];
+                assert!((got[i] - want).abs() <= 1e-5, "row {r} entry {i}");
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //!
 //! Elementwise methods (`linear`, `task_arithmetic`) need no pass; TIES needs the top-k cut of
 //! each task vector (a sampled pass, then one counting pass, see
-//! [`super::task_arithmetic`]); SLERP needs two norms and a dot product (one pass).
+//! [`super::task_arithmetic`]); SLERP needs two norms and a dot product, model stock the task
+//! vectors' Gram matrix per tensor or per row (one pass each).
 //!
 //! Chunks are [`STREAM_CHUNK`] elements (the last one shorter) and start at multiples of it, so
 //! a chunk's index fixes its position — random methods seed their draws by it.
