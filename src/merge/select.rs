@@ -21,16 +21,13 @@
 //! so nothing of the tensor's size is stored.
 //!
 //! **Bernoulli** (DARE): each entry survives with probability `density`, drawn from `StdRng`s
-//! seeded by the tensor's seed, the model index and the [`CHUNK`] index — one pass that stores
-//! the bitset (1 bit per entry), since the L1 rescale needs the sums before any output.
+//! seeded by the tensor's seed, the model index and the [`CHUNK`] index ([`Draws`]). Nothing is
+//! stored: the draws are made again while merging; the L1 rescale costs one pass for its sums.
 //!
 //! With `rescale`, the kept entries are multiplied by `Σ|δ| / Σ|δ_kept|` (mergekit 0.1.5's L1
 //! match; 1 when either sum is below 1e-7), which for rank windows costs one more pass.
 
 use std::sync::Mutex;
-
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 use super::stream::{Pass, STREAM_CHUNK, chunk_count};
 use super::util::{CHUNK, mix_seed};
@@ -122,6 +119,62 @@ pub(crate) enum Keep {
     Window(Rule),
     /// Bit `i % 64` of word `i / 64` is set when entry `i` survives.
     Bits(Vec<u64>),
+    /// DARE: entry `i` survives when its seeded draw is below a threshold (nothing stored; the
+    /// draws are made again wherever needed).
+    Random(Draws),
+}
+
+/// DARE's draws: a `u32` per entry from a counter-based hash — the entry's offset in its
+/// [`CHUNK`] piece, keyed by a 64-bit key mixed from the run seed, the model and the piece index,
+/// through MurmurHash3's 32-bit finaliser (Appleby) — so any range of entries is drawn directly,
+/// in parallel and vectorised, the same on every run. An entry survives when its draw is below
+/// `p · 2³²` (`0 < p < 1`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Draws {
+    threshold: u32,
+    seed: u64,
+    model: u64,
+}
+
+impl Draws {
+    fn new(p: f32, seed: u64, model: u64) -> Self {
+        Draws {
+            threshold: (f64::from(p) * 4_294_967_296.0).min(f64::from(u32::MAX)) as u32,
+            seed,
+            model,
+        }
+    }
+
+    /// Entries with a draw below this survive.
+    pub(crate) fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
+    /// The draws of entries `start .. start + out.len()` (`start` a multiple of [`CHUNK`]).
+    pub(crate) fn fill(&self, start: usize, out: &mut [u32]) {
+        debug_assert!(start.is_multiple_of(CHUNK));
+        for (q, piece) in out.chunks_mut(CHUNK).enumerate() {
+            let key = mix_seed(self.seed, self.model, (start / CHUNK + q) as u64);
+            hash_draws(key as u32, (key >> 32) as u32, piece);
+        }
+    }
+}
+
+avx2_fn!(fn hash_draws(k0: u32, k1: u32, out: &mut [u32]) => hash_draws_body);
+
+/// `out[i] = fmix32(((i ⊕ k0) · φ) ⊕ k1)`: a bijection of `i` for each key (φ the 32-bit
+/// golden-ratio constant), with MurmurHash3's avalanche.
+#[inline(always)]
+fn hash_draws_body(k0: u32, k1: u32, out: &mut [u32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut x = ((i as u32) ^ k0).wrapping_mul(0x9e37_79b9) ^ k1;
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x85eb_ca6b);
+        x ^= x >> 13;
+        x = x.wrapping_mul(0xc2b2_ae35);
+        x ^= x >> 16;
+        *o = x;
+    }
 }
 
 impl Keep {
@@ -138,10 +191,19 @@ impl Keep {
             Keep::Window(r) => Some(r.local(index, m, b)),
             _ => None,
         };
+        let draws = match self {
+            Keep::Random(d) => {
+                let mut out = vec![0u32; m.len()];
+                d.fill(start, &mut out);
+                out
+            }
+            _ => Vec::new(),
+        };
         move |k, v| match self {
             Keep::All => true,
             Keep::Nothing => false,
             Keep::Window(_) => rule.expect("local rule").keeps(v, k as u32),
+            Keep::Random(d) => draws[k] < d.threshold(),
             Keep::Bits(w) => {
                 let i = start + k;
                 (w[i / 64] >> (i % 64)) & 1 == 1
@@ -179,11 +241,6 @@ enum CutPhase {
 
 enum State {
     Window(Vec<Cut>, [bool; 2]),
-    Bernoulli {
-        p: f32,
-        seed: u64,
-        model: u64,
-    },
     /// The kept set is known; the L1 sums for the rescale are not.
     Sums(Keep),
     Ready(Keep),
@@ -195,7 +252,6 @@ pub(crate) struct Part {
     sample: Vec<u32>,
     /// One per cut in its bracket phase.
     gather: Vec<Gathered>,
-    words: Vec<u64>,
     sums: [f64; 2],
 }
 
@@ -249,7 +305,15 @@ impl Selector {
                 State::Window(cuts, needed)
             }
             Kind::Bernoulli { p, .. } if p <= 0.0 => State::Ready(Keep::Nothing),
-            Kind::Bernoulli { p, seed, model } => State::Bernoulli { p, seed, model },
+            Kind::Bernoulli { p, seed, model } => {
+                let keep = Keep::Random(Draws::new(p, seed, model));
+                // without the rescale nothing is needed before merging
+                if rescale {
+                    State::Sums(keep)
+                } else {
+                    State::Ready(keep)
+                }
+            }
         };
         Selector {
             n,
@@ -282,7 +346,7 @@ impl Selector {
                     Pass::All
                 },
             ),
-            State::Bernoulli { .. } | State::Sums(_) => Some(Pass::All),
+            State::Sums(_) => Some(Pass::All),
         }
     }
 
@@ -330,24 +394,13 @@ impl Selector {
                     }
                 }
             }
-            State::Bernoulli { p, seed, model } => {
-                let len = m.len();
-                let mut words = vec![0u64; len.div_ceil(64)];
-                // one RNG per CHUNK-sized piece, as the chunk layout of the tensor fixes it
-                for (q, w) in words.chunks_mut(CHUNK / 64).enumerate() {
-                    let sub = (start / CHUNK + q) as u64;
-                    let mut rng = StdRng::seed_from_u64(mix_seed(*seed, *model, sub));
-                    let here = (len - q * CHUNK).min(CHUNK);
-                    for off in 0..here {
-                        if rng.random::<f32>() < *p {
-                            w[off / 64] |= 1 << (off % 64);
-                        }
-                    }
-                }
-                if self.rescale {
-                    part.sums = l1_sums(m, b, |k, _| (words[k / 64] >> (k % 64)) & 1 == 1);
-                }
-                part.words = words;
+            State::Sums(Keep::Random(d)) => {
+                DRAWS.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    buf.resize(m.len(), 0);
+                    d.fill(start, &mut buf);
+                    part.sums = random_sums(d.threshold(), &buf, m, b);
+                });
             }
             State::Sums(keep) => {
                 part.sums = l1_sums(m, b, keep.in_chunk(index, start, m, b));
@@ -425,19 +478,6 @@ impl Selector {
                     }
                 }
             }
-            State::Bernoulli { .. } => {
-                let mut words = Vec::with_capacity(n.div_ceil(64));
-                let mut sums = [0.0f64; 2];
-                for p in parts {
-                    words.extend(p.words);
-                    sums[0] += p.sums[0];
-                    sums[1] += p.sums[1];
-                }
-                if self.rescale {
-                    self.scale = rescale_factor(sums);
-                }
-                State::Ready(Keep::Bits(words))
-            }
             State::Sums(keep) => {
                 let mut sums = [0.0f64; 2];
                 for p in parts {
@@ -513,6 +553,45 @@ fn gather_body(lo: u32, hi: u32, m: &[f32], b: &[f32]) -> Gathered {
         at_hi: at_hi as usize,
         between,
     }
+}
+
+thread_local! {
+    /// DARE draws of one chunk, for [`Selector::observe`].
+    static DRAWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+avx2_fn!(fn random_sums(threshold: u32, draws: &[u32], m: &[f32], b: &[f32]) -> [f64; 2] => random_sums_body);
+
+/// `[Σ|δ|, Σ|δ_kept|]` over one chunk for DARE's draws: `f32` lanes within 64 entries, `f64`
+/// across.
+#[inline(always)]
+fn random_sums_body(threshold: u32, draws: &[u32], m: &[f32], b: &[f32]) -> [f64; 2] {
+    let (mut before, mut after) = (0.0f64, 0.0f64);
+    for ((m64, b64), r64) in m.chunks(64).zip(b.chunks(64)).zip(draws.chunks(64)) {
+        let (mut all, mut kept) = ([0.0f32; 8], [0.0f32; 8]);
+        let (m8s, b8s, r8s) = (
+            m64.chunks_exact(8),
+            b64.chunks_exact(8),
+            r64.chunks_exact(8),
+        );
+        let tail = m8s.remainder().len();
+        for ((m8, b8), r8) in m8s.zip(b8s).zip(r8s) {
+            for k in 0..8 {
+                let v = (m8[k] - b8[k]).abs();
+                all[k] += v;
+                kept[k] += v * u32::from(r8[k] < threshold) as f32;
+            }
+        }
+        let start = m64.len() - tail;
+        for k in 0..tail {
+            let v = (m64[start + k] - b64[start + k]).abs();
+            all[k] += v;
+            kept[k] += v * u32::from(r64[start + k] < threshold) as f32;
+        }
+        before += f64::from(all.iter().sum::<f32>());
+        after += f64::from(kept.iter().sum::<f32>());
+    }
+    [before, after]
 }
 
 /// `Σ|δ| / Σ|δ_kept|`, or 1 when either is below 1e-7.
@@ -635,6 +714,9 @@ const _: () = assert!(STREAM_CHUNK.is_multiple_of(CHUNK));
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
     use super::*;
 
     /// Kept indices by brute force: ascending (|δ|, index), ranks [lo, hi).
@@ -719,6 +801,49 @@ mod tests {
         }
         assert_eq!(passes, 4, "sample, bracket (missed), histogram, bucket");
         assert_eq!(kept(&sel, &d), reference(&d, n / 2, n));
+    }
+
+    /// The hashed draws behave like independent uniform ones: the kept share matches `p`,
+    /// neighbours are uncorrelated, and another model or seed draws another mask.
+    #[test]
+    fn dare_draws_keep_the_share_independently() {
+        let n = 64 * CHUNK;
+        let d = Draws::new(0.3, 7, 0);
+        let mut r = vec![0u32; n];
+        d.fill(0, &mut r);
+        let keep: Vec<f64> = r
+            .iter()
+            .map(|&x| f64::from(u8::from(x < d.threshold())))
+            .collect();
+        let share = keep.iter().sum::<f64>() / n as f64;
+        // binomial sd = sqrt(0.21 / 2^20) ≈ 0.00045
+        assert!((share - 0.3).abs() < 0.002, "share {share}");
+        let cov = keep
+            .windows(2)
+            .map(|w| (w[0] - 0.3) * (w[1] - 0.3))
+            .sum::<f64>()
+            / n as f64;
+        assert!(
+            (cov / 0.21).abs() < 0.01,
+            "lag-1 correlation {}",
+            cov / 0.21
+        );
+        // a range drawn on its own equals the same range of a longer draw
+        let mut part = vec![0u32; 2 * CHUNK];
+        d.fill(3 * CHUNK, &mut part);
+        assert_eq!(part, r[3 * CHUNK..5 * CHUNK]);
+        for other in [Draws::new(0.3, 7, 1), Draws::new(0.3, 8, 0)] {
+            let mut o = vec![0u32; CHUNK];
+            other.fill(0, &mut o);
+            let same = o
+                .iter()
+                .zip(&r)
+                .filter(|(a, b)| (**a < d.threshold()) == (**b < d.threshold()))
+                .count();
+            // independent masks agree on 0.3² + 0.7² = 58 % of entries
+            let agree = same as f64 / CHUNK as f64;
+            assert!((agree - 0.58).abs() < 0.02, "agreement {agree}");
+        }
     }
 
     #[test]

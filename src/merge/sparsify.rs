@@ -17,9 +17,9 @@
 //!
 //! `rescale` multiplies the kept entries by `Σ|δ| / Σ|δ_kept|` — mergekit 0.1.5's L1-norm match,
 //! not a bare `1/density` — unless either sum is below 1e-7. A density ≥ 1 keeps everything
-//! untouched (and skips the rescale), as in mergekit. Random draws come from `StdRng`s seeded by
-//! the tensor's seed, the model index and the chunk (DARE) or row (DELLA) index, so results do
-//! not depend on the thread count.
+//! untouched (and skips the rescale), as in mergekit. Random draws depend only on the tensor's
+//! seed, the model index and the entry's place — a keyed hash per chunk piece for DARE
+//! (`select.rs`), an `StdRng` per row for DELLA — so results do not depend on the thread count.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -142,7 +142,7 @@ pub fn sparsify(
         Keep::All => Kept::All,
         Keep::Nothing => Kept::Nothing,
         Keep::Bits(w) => Kept::Mask(w.clone()),
-        keep @ Keep::Window(_) => {
+        keep @ (Keep::Window(_) | Keep::Random(_)) => {
             let mut w = vec![0u64; n.div_ceil(64)];
             for c in 0..chunk_count(n) {
                 let r = chunk_range(c, n);

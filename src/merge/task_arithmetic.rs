@@ -409,14 +409,20 @@ impl Stream for TaStream {
     fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
         let base = chunk.base.expect("the task-arithmetic family has a base");
         let k = self.selectors.len();
-        // window rules relative to the chunk (finding a cut's entry scans its chunk once)
-        let rules: Vec<Option<LocalRule>> = self
+        // window rules relative to the chunk (finding a cut's entry scans its chunk once), and
+        // DARE's draws for the chunk
+        let rules: Vec<ChunkKeep> = self
             .selectors
             .iter()
             .zip(chunk.models)
             .map(|(sel, m)| match sel.keep() {
-                Keep::Window(rule) => Some(rule.local(chunk.index, m, base)),
-                _ => None,
+                Keep::Window(rule) => ChunkKeep::Rule(rule.local(chunk.index, m, base)),
+                Keep::Random(d) => {
+                    let mut draws = vec![0u32; m.len()];
+                    d.fill(chunk.start, &mut draws);
+                    ChunkKeep::Draws(draws, d.threshold())
+                }
+                _ => ChunkKeep::Whole,
             })
             .collect();
         SCRATCH.with(|scratch| {
@@ -437,6 +443,16 @@ impl Stream for TaStream {
         });
         Ok(())
     }
+}
+
+/// A selection made concrete for one chunk.
+enum ChunkKeep {
+    /// Nothing chunk-specific (all, nothing, or a whole-tensor bitset).
+    Whole,
+    /// A rank window's rule, indices relative to the chunk.
+    Rule(LocalRule),
+    /// DARE's draws for the chunk's entries, and the survival threshold.
+    Draws(Vec<u32>, u32),
 }
 
 /// Elements of a chunk merged together by [`TaStream::merge_block`]: a multiple of 64 (bitset
@@ -460,7 +476,7 @@ impl TaStream {
         s: &TaStream,
         block: &Block<'_>,
         models: &[&[f32]],
-        rules: &[Option<LocalRule>],
+        rules: &[ChunkKeep],
         scratch: &mut [f32],
         o: &mut [f32],
     ) {
@@ -483,8 +499,7 @@ impl TaStream {
                 (Keep::Bits(words), _) => {
                     masked_deltas(d, m, bb, &words[block.start / 64..], scale, w)
                 }
-                (Keep::Window(_), rule) => {
-                    let rule = rule.expect("a window has its chunk rule");
+                (_, ChunkKeep::Rule(rule)) => {
                     let (m, b) = (&m[..len], &bb[..len]);
                     let first = block.offset as u32;
                     for i in 0..len {
@@ -493,6 +508,17 @@ impl TaStream {
                         let keep = u32::from(rule.keeps(abs_bits(x), first + i as u32)) as f32;
                         d[i] = x * scale * w * keep;
                     }
+                }
+                (_, ChunkKeep::Draws(draws, threshold)) => {
+                    let (m, b) = (&m[..len], &bb[..len]);
+                    let r = &draws[block.offset..block.offset + len];
+                    for i in 0..len {
+                        let keep = u32::from(r[i] < *threshold) as f32;
+                        d[i] = (m[i] - b[i]) * scale * w * keep;
+                    }
+                }
+                (Keep::Window(_) | Keep::Random(_), ChunkKeep::Whole) => {
+                    unreachable!("window and random selections are made concrete per chunk")
                 }
             }
         }
@@ -540,7 +566,7 @@ avx2_fn!(fn merge_block(
     s: &TaStream,
     block: &Block<'_>,
     models: &[&[f32]],
-    rules: &[Option<LocalRule>],
+    rules: &[ChunkKeep],
     scratch: &mut [f32],
     o: &mut [f32],
 ) => TaStream::merge_block_body);
@@ -789,7 +815,7 @@ mod tests {
                 &stream,
                 &block,
                 &models,
-                &[None, None],
+                &[ChunkKeep::Whole, ChunkKeep::Whole],
                 &mut scratch,
                 &mut fast,
             );
@@ -797,7 +823,7 @@ mod tests {
                 &stream,
                 &block,
                 &models,
-                &[None, None],
+                &[ChunkKeep::Whole, ChunkKeep::Whole],
                 &mut scratch,
                 &mut plain,
             );
