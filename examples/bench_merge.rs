@@ -8,6 +8,7 @@
 //! cargo run --release --example bench_merge                 # 0.5 B params, bf16 (issue 2's set)
 //! cargo run --release --example bench_merge -- --size tiny  # seconds; what CI runs
 //! cargo run --release --example bench_merge -- --dir /tmp/fam  # keep and reuse the family
+//! cargo run --release --example bench_merge -- --methods linear,ties,dare_ties,slerp
 //! ```
 
 use std::fs::File;
@@ -173,21 +174,56 @@ fn read_write_baseline_parallel(models: &[PathBuf], out: &Path, threads: usize) 
     start.elapsed().as_secs_f64()
 }
 
+/// The recipe timed for `method`: `linear` averages all three models (no base model, so each
+/// input is read once); a method with a required base model merges the two fine-tunes onto it
+/// (slerp takes one); nuslerp takes the two fine-tunes, passthrough one. Per-model `weight` 0.5,
+/// `density` 0.5, the other parameters at their defaults (`t` 0.5).
 fn recipe_text(method: &str, family: &[PathBuf]) -> String {
-    let base = family[0].display();
-    let model = |m: &PathBuf, params: &str| {
-        format!("  - model: {}\n    parameters: {{{params}}}\n", m.display())
-    };
-    if method == "linear" {
-        // A plain average of all three (linear takes no base model: each input is read once).
-        let models: String = family.iter().map(|m| model(m, "weight: 1.0")).collect();
-        return format!("merge_method: linear\nmodels:\n{models}dtype: bfloat16\n");
-    }
-    let models: String = family[1..]
+    use evomerge::merge::{BaseUse, Scope};
+    let m = evomerge::merge::method(method).expect("a registered method");
+    let per_model: Vec<String> = m
+        .params()
         .iter()
-        .map(|m| model(m, "weight: 0.5, density: 0.5"))
+        .filter(|d| d.scope == Scope::PerModel)
+        .filter_map(|d| match d.name {
+            "weight" => Some("weight: 0.5".to_string()),
+            "density" => Some("density: 0.5".to_string()),
+            _ => None,
+        })
         .collect();
-    format!("merge_method: {method}\nbase_model: {base}\nmodels:\n{models}dtype: bfloat16\n")
+    let global: Vec<String> = m
+        .params()
+        .iter()
+        .filter(|d| d.scope == Scope::Global && d.default.is_none())
+        .map(|d| format!("{}: 0.5", d.name))
+        .collect();
+    let (base, models): (Option<&PathBuf>, &[PathBuf]) = match (method, m.base()) {
+        ("linear", _) => (None, family),
+        ("passthrough", _) => (None, &family[1..2]),
+        (_, BaseUse::Required) => {
+            let max = m.model_count().1.unwrap_or(usize::MAX);
+            (
+                Some(&family[0]),
+                &family[1..max.saturating_add(1).min(family.len())],
+            )
+        }
+        _ => (None, &family[1..]),
+    };
+    let mut text = format!("merge_method: {method}\n");
+    if let Some(b) = base {
+        text += &format!("base_model: {}\n", b.display());
+    }
+    text += "models:\n";
+    for model in models {
+        text += &format!("  - model: {}\n", model.display());
+        if !per_model.is_empty() {
+            text += &format!("    parameters: {{{}}}\n", per_model.join(", "));
+        }
+    }
+    if !global.is_empty() {
+        text += &format!("parameters: {{{}}}\n", global.join(", "));
+    }
+    text + "dtype: bfloat16\n"
 }
 
 /// Child mode: run one merge and print `seconds peak_rss_bytes`.
@@ -258,7 +294,17 @@ fn main() {
         .fold(f64::INFINITY, f64::min);
     println!("family: {size}, base + 2 fine-tunes, bf16, {threads} threads");
     println!("read+write baseline: {baseline:.2} s ({threads} threads: {parallel:.2} s)");
-    for method in ["linear", "ties"] {
+    // `--methods a,b,c` times other registered methods too (default: the issue's two)
+    let methods: Vec<String> = args
+        .iter()
+        .position(|a| a == "--methods")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(
+            || vec!["linear".to_string(), "ties".to_string()],
+            |list| list.split(',').map(str::to_string).collect(),
+        );
+    for method in &methods {
+        let method = method.as_str();
         // Best of two runs, as for the baseline; each run in a fresh process.
         let mut runs = (0..2).map(|_| {
             let exe = std::env::current_exe().expect("current exe");
@@ -283,7 +329,7 @@ fn main() {
         let first = runs.next().expect("a run");
         let (secs, rss) = runs.fold(first, |(s, r), (s2, r2)| (s.min(s2), r.max(r2)));
         println!(
-            "{method:>7}: {secs:.2} s = {:.2}x baseline ({:.2}x the {threads}-thread one), \
+            "{method:>16}: {secs:.2} s = {:.2}x baseline ({:.2}x the {threads}-thread one), \
              peak RSS {:.0} MB",
             secs / baseline,
             secs / parallel,
