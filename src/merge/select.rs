@@ -160,7 +160,7 @@ impl Draws {
     }
 }
 
-avx2_fn!(fn hash_draws(k0: u32, k1: u32, out: &mut [u32]) => hash_draws_body);
+avx2_fn!(pub(crate) fn hash_draws(k0: u32, k1: u32, out: &mut [u32]) => hash_draws_body);
 
 /// `out[i] = fmix32(((i ⊕ k0) · φ) ⊕ k1)`: a bijection of `i` for each key (φ the 32-bit
 /// golden-ratio constant), with MurmurHash3's avalanche.

@@ -18,14 +18,12 @@
 //! `rescale` multiplies the kept entries by `Σ|δ| / Σ|δ_kept|` — mergekit 0.1.5's L1-norm match,
 //! not a bare `1/density` — unless either sum is below 1e-7. A density ≥ 1 keeps everything
 //! untouched (and skips the rescale), as in mergekit. Random draws depend only on the tensor's
-//! seed, the model index and the entry's place — a keyed hash per chunk piece for DARE
-//! (`select.rs`), an `StdRng` per row for DELLA — so results do not depend on the thread count.
+//! seed, the model index and the entry's place — a keyed hash per chunk piece (DARE) or per row
+//! (DELLA), see `select.rs` — so results do not depend on the thread count.
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
-use super::select::{Keep, Kind, Selector, abs_bits};
+use super::select::{Keep, Kind, Selector, abs_bits, hash_draws};
 use super::stream::{chunk_count, chunk_range};
 use super::util::{chunked_sum, mix_seed};
 
@@ -225,6 +223,76 @@ fn l1_norms(m: &[f32], b: &[f32], words: &[u64]) -> [f64; 2] {
     })
 }
 
+/// Sort `keys` (`magnitude bits << 32 | index`, in index order) by magnitude, equal magnitudes
+/// keeping their index order — the order `sort_unstable` gives such keys — with a stable LSD
+/// radix sort of the 31 magnitude bits (three 11-bit digits; a digit every key shares is
+/// skipped). `spare` is scratch.
+fn sort_by_magnitude(keys: &mut Vec<u64>, spare: &mut Vec<u64>) {
+    spare.resize(keys.len(), 0);
+    let mut counts = vec![0usize; 1 << 11];
+    for shift in [32, 43, 54] {
+        counts.fill(0);
+        for &k in keys.iter() {
+            counts[((k >> shift) & 0x7ff) as usize] += 1;
+        }
+        if counts.contains(&keys.len()) {
+            continue;
+        }
+        let mut at = 0;
+        for c in counts.iter_mut() {
+            let here = *c;
+            *c = at;
+            at += here;
+        }
+        for &k in keys.iter() {
+            let d = ((k >> shift) & 0x7ff) as usize;
+            spare[counts[d]] = k;
+            counts[d] += 1;
+        }
+        std::mem::swap(keys, spare);
+    }
+}
+
+/// MAGPRUNE over rows of `len` entries: keep probability `lo + two_eps · rank / (len − 1)`.
+struct RowProbs {
+    len: usize,
+    lo: f32,
+    two_eps: f32,
+    seed: u64,
+    model: u64,
+}
+
+impl RowProbs {
+    /// Keep flags of row number `row`, whose entry `c` has magnitude bits `mag(c)`, handed to
+    /// `out(c, flag)`; `bufs` are reusable buffers.
+    fn mask(
+        &self,
+        row: usize,
+        mag: impl Fn(usize) -> u32,
+        (keys, spare, draws): &mut (Vec<u64>, Vec<u64>, Vec<u32>),
+        mut out: impl FnMut(usize, u8),
+    ) {
+        let len = self.len;
+        keys.clear();
+        keys.extend((0..len).map(|c| (u64::from(mag(c)) << 32) | c as u64));
+        sort_by_magnitude(keys, spare);
+        // uniform draws in [0, 1) from the row's keyed hash (24 bits each)
+        draws.resize(len, 0);
+        let key = mix_seed(self.seed, self.model, row as u64);
+        hash_draws(key as u32, (key >> 32) as u32, draws);
+        for (rank, k) in keys.iter().enumerate() {
+            let norm = if len > 1 {
+                rank as f32 / (len - 1) as f32
+            } else {
+                0.5
+            };
+            let c = (*k & 0xffff_ffff) as usize;
+            let u = (draws[c] >> 8) as f32 * (1.0 / 16_777_216.0);
+            out(c, u8::from(u < self.lo + norm * self.two_eps));
+        }
+    }
+}
+
 /// DELLA's MAGPRUNE mask: rank-dependent keep probabilities within each row.
 fn magprune(
     m: &[f32],
@@ -247,39 +315,33 @@ fn magprune(
     if len == 0 || n == 0 {
         return vec![0u64; n.div_ceil(64)];
     }
-    // one row: indices idx(c) = start + c*inner; writes keep flags for row number `row`
-    let row_mask = |row: usize, idx: &dyn Fn(usize) -> usize, out: &mut dyn FnMut(usize, u8)| {
-        let mut keys: Vec<u64> = (0..len)
-            .map(|c| (u64::from(mag(m, b, idx(c))) << 32) | c as u64)
-            .collect();
-        keys.sort_unstable();
-        let mut prob = vec![0.0f32; len];
-        for (rank, k) in keys.iter().enumerate() {
-            let norm = if len > 1 {
-                rank as f32 / (len - 1) as f32
-            } else {
-                0.5
-            };
-            prob[(*k & 0xffff_ffff) as usize] = lo + norm * two_eps;
-        }
-        let mut rng = StdRng::seed_from_u64(mix_seed(args.seed, args.model, row as u64));
-        for (c, &p) in prob.iter().enumerate() {
-            out(c, u8::from(rng.random::<f32>() < p));
-        }
+    let rows = RowProbs {
+        len,
+        lo,
+        two_eps,
+        seed: args.seed,
+        model: args.model,
     };
     if inner == 1 {
-        keep.par_chunks_mut(len).enumerate().for_each(|(r, k)| {
-            let start = r * len;
-            row_mask(r, &|c| start + c, &mut |c, v| k[c] = v);
-        });
+        keep.par_chunks_mut(len).enumerate().for_each_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |bufs, (r, k)| {
+                let start = r * len;
+                rows.mask(r, |c| mag(m, b, start + c), bufs, |c, v| k[c] = v);
+            },
+        );
     } else {
         let d0 = n / (len * inner);
+        let mut bufs = (Vec::new(), Vec::new(), Vec::new());
         for i0 in 0..d0 {
             for j in 0..inner {
                 let start = i0 * len * inner + j;
-                row_mask(i0 * inner + j, &|c| start + c * inner, &mut |c, v| {
-                    keep[start + c * inner] = v
-                });
+                rows.mask(
+                    i0 * inner + j,
+                    |c| mag(m, b, start + c * inner),
+                    &mut bufs,
+                    |c, v| keep[start + c * inner] = v,
+                );
             }
         }
     }
@@ -294,6 +356,9 @@ fn magprune(
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
     use super::*;
 
     fn args(density: f64) -> SparsifyArgs {
@@ -309,6 +374,20 @@ mod tests {
 
     fn kept_indices(s: &Sparsified, n: usize) -> Vec<usize> {
         (0..n).filter(|&i| s.kept.get(i)).collect()
+    }
+
+    #[test]
+    fn radix_sort_by_magnitude_equals_a_comparison_sort() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for (len, levels) in [(1usize, 5u32), (7, 3), (2048, 40), (5000, u32::MAX >> 1)] {
+            let mut keys: Vec<u64> = (0..len)
+                .map(|c| (u64::from(rng.random_range(0..levels.max(1))) << 32) | c as u64)
+                .collect();
+            let mut want = keys.clone();
+            want.sort_unstable();
+            sort_by_magnitude(&mut keys, &mut Vec::new());
+            assert_eq!(keys, want, "len {len}");
+        }
     }
 
     #[test]
