@@ -13,7 +13,7 @@
 //! `models` gives it a weight like any other input, and the executor passes it among
 //! [`MergeInput::models`]. A separate [`MergeInput::base`] is ignored.
 
-use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, run_in_memory};
+use super::stream::{Chunk, Stream, StreamSpec, run_in_memory};
 use super::util::{check, check_spec, global_flag, per_model, tensor_err};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
@@ -92,14 +92,6 @@ struct LinearStream {
 }
 
 impl Stream for LinearStream {
-    fn next_pass(&mut self, _: Vec<Partial>) -> Result<Option<Pass>> {
-        Ok(None)
-    }
-
-    fn observe(&self, _: &Chunk<'_>) -> Result<Partial> {
-        unreachable!("linear asks for no pass")
-    }
-
     fn uses_base(&self) -> bool {
         false
     }

@@ -8,7 +8,7 @@
 //!
 //! Matches mergekit 0.1.5's `passthrough` (one input per tensor, optional `scale`).
 
-use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, run_in_memory};
+use super::stream::{Chunk, Stream, StreamSpec, run_in_memory};
 use super::util::{check, check_spec, per_model};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
@@ -61,14 +61,6 @@ impl MergeMethod for Passthrough {
 struct Scaled(f32);
 
 impl Stream for Scaled {
-    fn next_pass(&mut self, _: Vec<Partial>) -> Result<Option<Pass>> {
-        Ok(None)
-    }
-
-    fn observe(&self, _: &Chunk<'_>) -> Result<Partial> {
-        unreachable!("passthrough asks for no pass")
-    }
-
     fn uses_base(&self) -> bool {
         false
     }

@@ -87,10 +87,18 @@ pub type Partial = Box<dyn Any + Send>;
 /// One tensor's merge, run chunk by chunk (see the module docs for the protocol).
 pub trait Stream: Send + Sync {
     /// Called once before any chunk (with no partials), then after each pass with that pass's
-    /// partials in chunk order. Returns the next pass, or `None` when `apply` may run.
-    fn next_pass(&mut self, partials: Vec<Partial>) -> Result<Option<Pass>>;
-    /// Look at one chunk during the current pass.
-    fn observe(&self, chunk: &Chunk<'_>) -> Result<Partial>;
+    /// partials in chunk order. Returns the next pass, or `None` when `apply` may run. The
+    /// default asks for none: an elementwise merge.
+    fn next_pass(&mut self, partials: Vec<Partial>) -> Result<Option<Pass>> {
+        let _ = partials;
+        Ok(None)
+    }
+    /// Look at one chunk during the current pass (never called by the driver when no pass was
+    /// asked for).
+    fn observe(&self, chunk: &Chunk<'_>) -> Result<Partial> {
+        let _ = chunk;
+        unreachable!("observe called on a stream that asked for no pass")
+    }
     /// Whether the chunks must carry the base model's values (a method that ignores the base,
     /// like `linear`, saves reading it).
     fn uses_base(&self) -> bool {

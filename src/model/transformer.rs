@@ -119,25 +119,18 @@ fn rope_settings(v: &Value) -> Result<(f64, RopeScaling)> {
                 factor: num("factor")?,
             },
             "llama3" => {
-                let s = RopeScaling::Llama3 {
-                    factor: num("factor")?,
-                    low_freq_factor: num("low_freq_factor")?,
-                    high_freq_factor: num("high_freq_factor")?,
-                    original_max_position_embeddings: num("original_max_position_embeddings")?,
-                };
-                if let RopeScaling::Llama3 {
-                    low_freq_factor,
-                    high_freq_factor,
-                    ..
-                } = s
-                    && high_freq_factor <= low_freq_factor
-                {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
                     return Err(cfg_err(format!(
-                        "`{key}`: high_freq_factor {high_freq_factor} must exceed \
-                         low_freq_factor {low_freq_factor}"
+                        "`{key}`: high_freq_factor {high} must exceed low_freq_factor {low}"
                     )));
                 }
-                s
+                RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                }
             }
             other => {
                 return Err(cfg_err(format!(
