@@ -7,6 +7,7 @@ pub mod classify;
 pub mod command;
 pub mod double;
 pub mod lm;
+pub mod runner;
 pub mod table;
 pub mod tasks;
 
