@@ -378,7 +378,7 @@ fn evaluate(out: &Path) -> Result<()> {
         };
         let mut cells = Vec::new();
         if std::env::var_os("TOY_SHOW").is_some() {
-            let model = evomerge::model::build(&cand, &Device::Cpu)?;
+            let model = evomerge::model::build(&cand, &Device::Cpu, candle_core::DType::F32)?;
             let prompts = ["37+45=", "19+83=", "enc:hello=", "enc:world="];
             let outs = eval.generate(model.as_ref(), &prompts, 8, "\n")?;
             eprintln!("{name}: {outs:?}");

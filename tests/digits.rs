@@ -392,7 +392,7 @@ fn transformer_alignment_keeps_the_logits() {
     let device = Device::Cpu;
     let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 2, 30, 7]], &device).unwrap();
     let logits = |m: &MemModel| {
-        Transformer::from_mem(m, &device)
+        Transformer::from_mem(m, &device, candle_core::DType::F32)
             .unwrap()
             .logits(&ids)
             .unwrap()

@@ -320,7 +320,12 @@ fn lm_evaluator_on_the_transformer_is_batch_invariant() {
         .unwrap()
     };
     let (one, many) = (make(1), make(16));
-    let model = evomerge::model::build(&candidate, &candle_core::Device::Cpu).unwrap();
+    let model = evomerge::model::build(
+        &candidate,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
     let g1 = one.generate(model.as_ref(), &prompts, 6, "").unwrap();
     let g16 = many.generate(model.as_ref(), &prompts, 6, "").unwrap();
     assert_eq!(g1, g16);

@@ -46,7 +46,7 @@ fn check_reference(case: &str) {
         body: CandidateBody::Dir(dir),
         recipe: None,
     };
-    let model = build(&cand, &Device::Cpu).unwrap();
+    let model = build(&cand, &Device::Cpu, candle_core::DType::F32).unwrap();
     let got = model.forward(&ids).unwrap();
     assert_eq!(got.dims(), reference["logits"].dims());
     let rel = max_rel_diff(&logits_vec(&got), &want);
@@ -88,7 +88,7 @@ fn llama3_rope_scaling_matches_transformers_reference() {
         body: CandidateBody::Dir(plain.path().to_path_buf()),
         recipe: None,
     };
-    let got = build(&cand, &Device::Cpu).unwrap().forward(&ids).unwrap();
+    let got = build(&cand, &Device::Cpu, candle_core::DType::F32).unwrap().forward(&ids).unwrap();
     let rel = max_rel_diff(&logits_vec(&got), &logits_vec(&reference["logits"]));
     assert!(
         rel > 1e-2,
@@ -145,7 +145,12 @@ fn one_layer_pencil_and_paper_case() {
         t(vec![2, 1], vec![0., 0.]),
     );
     tensors.insert("model.norm.weight".into(), t(vec![2], vec![1., 1.]));
-    let model = Transformer::from_mem(&MemModel { config, tensors }, &Device::Cpu).unwrap();
+    let model = Transformer::from_mem(
+        &MemModel { config, tensors },
+        &Device::Cpu,
+        candle_core::DType::F32,
+    )
+    .unwrap();
     let ids = Tensor::new(&[[0u32]], &Device::Cpu).unwrap();
     let got = logits_vec(&model.logits(&ids).unwrap());
     let want = [5.0 * 2f32.sqrt(), 0.6 * 2f32.sqrt()];
@@ -298,7 +303,7 @@ fn naive_forward(m: &MemModel, ids: &[u32]) -> Vec<f64> {
 fn forward_matches_a_naive_scalar_implementation_at_every_position() {
     for with_bias in [false, true] {
         let m = random_model(11, with_bias);
-        let model = Transformer::from_mem(&m, &Device::Cpu).unwrap();
+        let model = Transformer::from_mem(&m, &Device::Cpu, candle_core::DType::F32).unwrap();
         let seqs = [[3u32, 1, 4, 1, 5, 9], [2, 7, 1, 8, 2, 8]];
         let ids = Tensor::new(&seqs, &Device::Cpu).unwrap();
         let got = logits_vec(&model.logits(&ids).unwrap());
@@ -317,8 +322,8 @@ fn routes_compose_layers_of_several_models_with_scales() {
     let dev = Device::Cpu;
     let (a, b) = (random_model(1, false), random_model(2, true));
     let (ta, tb) = (
-        Transformer::from_mem(&a, &dev).unwrap(),
-        Transformer::from_mem(&b, &dev).unwrap(),
+        Transformer::from_mem(&a, &dev, candle_core::DType::F32).unwrap(),
+        Transformer::from_mem(&b, &dev, candle_core::DType::F32).unwrap(),
     );
     let ids = Tensor::new(&[[1u32, 2, 3, 4]], &dev).unwrap();
     // The identity route of model b is model b.
@@ -364,7 +369,7 @@ fn routes_compose_layers_of_several_models_with_scales() {
         },
         recipe: None,
     };
-    let built = build(&cand, &dev).unwrap();
+    let built = build(&cand, &dev, candle_core::DType::F32).unwrap();
     assert_eq!(built.vocab_size(), 11);
     assert_eq!(logits_vec(&built.forward(&ids).unwrap()), want);
     // Out-of-range hops are errors, not panics.
@@ -392,23 +397,27 @@ fn missing_or_misshapen_tensors_are_errors_naming_them() {
     let dev = Device::Cpu;
     let mut m = random_model(3, false);
     m.tensors.remove("model.layers.1.mlp.up_proj.weight");
-    let err = Transformer::from_mem(&m, &dev).unwrap_err().to_string();
+    let err = Transformer::from_mem(&m, &dev, candle_core::DType::F32)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("model.layers.1.mlp.up_proj.weight"), "{err}");
     let mut m = random_model(3, false);
     m.tensors.insert(
         "model.layers.0.self_attn.k_proj.weight".into(),
         TensorBuf::new(vec![8, 8], vec![0.0; 64]),
     );
-    let err = Transformer::from_mem(&m, &dev).unwrap_err().to_string();
+    let err = Transformer::from_mem(&m, &dev, candle_core::DType::F32)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("model.layers.0.self_attn.k_proj.weight") && err.contains("[4, 8]"),
         "{err}"
     );
     let mut m = random_model(3, false);
     m.config["num_key_value_heads"] = json!(3);
-    assert!(Transformer::from_mem(&m, &dev).is_err());
+    assert!(Transformer::from_mem(&m, &dev, candle_core::DType::F32).is_err());
     // Token ids beyond the vocabulary are an error too.
-    let ok = Transformer::from_mem(&random_model(3, false), &dev).unwrap();
+    let ok = Transformer::from_mem(&random_model(3, false), &dev, candle_core::DType::F32).unwrap();
     let ids = Tensor::new(&[[1u32, 11]], &dev).unwrap();
     assert!(ok.logits(&ids).is_err());
 }
@@ -416,12 +425,12 @@ fn missing_or_misshapen_tensors_are_errors_naming_them() {
 #[test]
 fn merged_candidate_builds_and_runs_in_memory() {
     let m = random_model(4, true);
-    let direct = Transformer::from_mem(&m, &Device::Cpu).unwrap();
+    let direct = Transformer::from_mem(&m, &Device::Cpu, candle_core::DType::F32).unwrap();
     let cand = Candidate {
         body: CandidateBody::Merged(Arc::new(m)),
         recipe: None,
     };
-    let built = build(&cand, &Device::Cpu).unwrap();
+    let built = build(&cand, &Device::Cpu, candle_core::DType::F32).unwrap();
     let ids = Tensor::new(&[[5u32, 6, 7]], &Device::Cpu).unwrap();
     assert_eq!(
         logits_vec(&built.forward(&ids).unwrap()),
@@ -439,6 +448,7 @@ fn greedy(dir: &Path, prompt: &str) -> String {
             recipe: None,
         },
         &Device::Cpu,
+        candle_core::DType::F32,
     )
     .unwrap();
     let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();

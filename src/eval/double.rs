@@ -367,7 +367,7 @@ impl CausalLm for BigramLm {
 /// other candidate kinds are an error.
 pub fn bigram_builder() -> ModelBuilder {
     Arc::new(
-        |candidate: &Candidate, device: &Device| match &candidate.body {
+        |candidate: &Candidate, device: &Device, _dtype: candle_core::DType| match &candidate.body {
             CandidateBody::Merged(m) => {
                 Ok(Box::new(BigramLm::from_mem(m, device)?) as Box<dyn CausalLm>)
             }

@@ -38,7 +38,7 @@
 
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use crate::candidate::Candidate;
 use crate::error::{Error, Result};
@@ -50,22 +50,30 @@ use crate::tokenizer::TextTokenizer;
 
 /// Builds a runnable model for a candidate on a device. The default is [`crate::model::build`];
 /// tests plug in doubles such as [`crate::eval::double::bigram_builder`].
-pub type ModelBuilder = Arc<dyn Fn(&Candidate, &Device) -> Result<Box<dyn CausalLm>> + Send + Sync>;
+pub type ModelBuilder =
+    Arc<dyn Fn(&Candidate, &Device, DType) -> Result<Box<dyn CausalLm>> + Send + Sync>;
 
 /// Options of the LM evaluator.
 #[derive(Clone, Debug)]
 pub struct LmConfig {
     /// Where the forward runs. Default CPU.
     pub device: Device,
+    /// The compute dtype of the forward (`f32`, `bf16`, `f16`). Default `f32`.
+    pub dtype: DType,
     /// Sequences per forward call. Default 32.
     pub batch_size: usize,
+    /// The longest sequence (prompt + generated tokens) any example may need; `None` means no
+    /// limit beyond the model's own.
+    pub max_length: Option<usize>,
 }
 
 impl Default for LmConfig {
     fn default() -> Self {
         LmConfig {
             device: Device::Cpu,
+            dtype: DType::F32,
             batch_size: 32,
+            max_length: None,
         }
     }
 }
@@ -166,7 +174,7 @@ impl LmEvaluator {
             tasks: encoded,
             tokenizer,
             config,
-            builder: Arc::new(|c: &Candidate, d: &Device| crate::model::build(c, d)),
+            builder: Arc::new(|c: &Candidate, d: &Device, t: DType| crate::model::build(c, d, t)),
             max_id,
         })
     }
@@ -336,7 +344,8 @@ impl Evaluator for LmEvaluator {
     }
 
     fn evaluate(&self, candidate: &Candidate, split: Split) -> Result<Score, EvalError> {
-        let model = (self.builder)(candidate, &self.config.device).map_err(candidate_err)?;
+        let model = (self.builder)(candidate, &self.config.device, self.config.dtype)
+            .map_err(candidate_err)?;
         self.score_model(model.as_ref(), split)
     }
 }

@@ -9,7 +9,7 @@ pub mod mlp;
 pub mod train;
 pub mod transformer;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::candidate::{Candidate, CandidateBody};
 use crate::error::Result;
@@ -26,13 +26,13 @@ pub trait CausalLm: Send + Sync {
 
 /// Build a runnable model for a candidate: merged tensors, a route over several models, or a
 /// model directory.
-pub fn build(candidate: &Candidate, device: &Device) -> Result<Box<dyn CausalLm>> {
+pub fn build(candidate: &Candidate, device: &Device, dtype: DType) -> Result<Box<dyn CausalLm>> {
     match &candidate.body {
-        CandidateBody::Merged(mem) => Ok(Box::new(Transformer::from_mem(mem, device)?)),
+        CandidateBody::Merged(mem) => Ok(Box::new(Transformer::from_mem(mem, device, dtype)?)),
         CandidateBody::Routed { models, route } => {
             let models = models
                 .iter()
-                .map(|m| Transformer::from_mem(m, device))
+                .map(|m| Transformer::from_mem(m, device, dtype))
                 .collect::<Result<Vec<_>>>()?;
             Ok(Box::new(RoutedModel {
                 models,
@@ -41,7 +41,7 @@ pub fn build(candidate: &Candidate, device: &Device) -> Result<Box<dyn CausalLm>
         }
         CandidateBody::Dir(dir) => {
             let model = crate::store::Model::open(dir)?;
-            Ok(Box::new(Transformer::from_source(&model, device)?))
+            Ok(Box::new(Transformer::from_source(&model, device, dtype)?))
         }
     }
 }

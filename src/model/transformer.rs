@@ -14,7 +14,7 @@
 //! # use evomerge::model::transformer::Transformer;
 //! # fn demo(mem: &evomerge::candidate::MemModel) -> evomerge::Result<()> {
 //! let dev = candle_core::Device::Cpu;
-//! let model = Transformer::from_mem(mem, &dev)?;
+//! let model = Transformer::from_mem(mem, &dev), candle_core::DType::F32)?;
 //! let ids = candle_core::Tensor::new(&[[1u32, 5, 7]], &dev)?;
 //! let logits = model.logits(&ids)?; // [1, 3, vocab]
 //! # Ok(()) }
@@ -301,6 +301,7 @@ impl Transformer {
         config: &Value,
         label: &str,
         device: &Device,
+        dtype: DType,
         mut get: impl FnMut(&str) -> Result<Option<Tensor>>,
     ) -> Result<Self> {
         let cfg = LlamaConfig::from_json(config).map_err(|e| match e {
@@ -321,7 +322,7 @@ impl Transformer {
                             msg: format!("shape {:?}, config expects {:?}", t.dims(), shape),
                         });
                     }
-                    Ok(Some(t.to_device(device)?.to_dtype(DType::F32)?))
+                    Ok(Some(t.to_device(device)?.to_dtype(dtype)?))
                 }
             }
         };
@@ -379,9 +380,9 @@ impl Transformer {
         })
     }
 
-    /// Build from an in-memory model (merged tensors).
-    pub fn from_mem(model: &MemModel, device: &Device) -> Result<Self> {
-        Self::from_lookup(&model.config, "<memory>", device, |name| {
+    /// Build from an in-memory model (merged tensors), computing in `dtype`.
+    pub fn from_mem(model: &MemModel, device: &Device, dtype: DType) -> Result<Self> {
+        Self::from_lookup(&model.config, "<memory>", device, dtype, |name| {
             model
                 .tensors
                 .get(name)
@@ -396,15 +397,15 @@ impl Transformer {
         tensors: &HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self> {
-        Self::from_lookup(config, "<tensors>", device, |name| {
+        Self::from_lookup(config, "<tensors>", device, DType::F32, |name| {
             Ok(tensors.get(name).cloned())
         })
     }
 
-    /// Build from any tensor source (an opened model directory), decoding each tensor to `f32`.
-    pub fn from_source(source: &dyn TensorSource, device: &Device) -> Result<Self> {
+    /// Build from any tensor source (an opened model directory), computing in `dtype`.
+    pub fn from_source(source: &dyn TensorSource, device: &Device, dtype: DType) -> Result<Self> {
         let label = source.label();
-        Self::from_lookup(source.config(), &label, device, |name| {
+        Self::from_lookup(source.config(), &label, device, dtype, |name| {
             let Some(info) = source.info(name) else {
                 return Ok(None);
             };
