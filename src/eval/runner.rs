@@ -27,14 +27,20 @@ impl Runner<'_> {
             .collect()
     }
 
-    /// Run the model on right-padded `seqs` (each non-empty). Returns logits `[b, L, V]`.
-    fn forward_padded(&self, seqs: &[&[u32]]) -> Result<(Tensor, usize)> {
+    /// Right-padded `[b, L]` ids of `seqs` (each non-empty) and `L`. Right padding is exact
+    /// without a mask: the model is causal, so no position sees the padding after it.
+    fn padded(&self, seqs: &[&[u32]]) -> Result<(Tensor, usize)> {
         let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut ids = vec![0u32; seqs.len() * len];
         for (row, s) in ids.chunks_mut(len.max(1)).zip(seqs) {
             row[..s.len()].copy_from_slice(s);
         }
-        let input = Tensor::from_vec(ids, (seqs.len(), len), self.device)?;
+        Ok((Tensor::from_vec(ids, (seqs.len(), len), self.device)?, len))
+    }
+
+    /// Run the model on right-padded `seqs` (each non-empty). Returns logits `[b, L, V]`.
+    fn forward_padded(&self, seqs: &[&[u32]]) -> Result<(Tensor, usize)> {
+        let (input, len) = self.padded(seqs)?;
         let logits = self.model.forward(&input)?;
         let want = (seqs.len(), len, self.model.vocab_size());
         if logits.dims() != [want.0, want.1, want.2] {
@@ -48,6 +54,11 @@ impl Runner<'_> {
 
     /// For each `(sequence, start)`: Σ log p(s[t] | s[..t]) over `t` in `start..len`
     /// (`start ≥ 1`).
+    ///
+    /// Only the positions that predict a scored token (position t − 1 predicts s[t]) go
+    /// through the LM head and the log-softmax, [`LOGIT_CHUNK`] positions at a time
+    /// ([`CausalLm::logits_at`]): memory is set by the batch's hidden states, not by
+    /// batch × length × vocabulary.
     pub fn log_likelihoods(&self, seqs: &[(Vec<u32>, usize)]) -> Result<Vec<f64>> {
         let lens: Vec<usize> = seqs.iter().map(|(s, _)| s.len()).collect();
         let batches = self.batches(&lens);
@@ -55,10 +66,7 @@ impl Runner<'_> {
             .par_iter()
             .map(|batch| -> Result<Vec<(usize, f64)>> {
                 let rows: Vec<&[u32]> = batch.iter().map(|&i| seqs[i].0.as_slice()).collect();
-                let (logits, len) = self.forward_padded(&rows)?;
-                // Only the positions that predict a scored token: position t − 1 predicts s[t]
-                // for t in start..len. Selecting them before the log-softmax keeps the work
-                // (and memory) proportional to the scored tokens, not to batch × seq × vocab.
+                let (input, len) = self.padded(&rows)?;
                 let mut positions = Vec::new();
                 let mut targets = Vec::new();
                 for (r, &i) in batch.iter().enumerate() {
@@ -68,21 +76,36 @@ impl Runner<'_> {
                         targets.push(token);
                     }
                 }
-                let n = positions.len();
-                let logp = if n == 0 {
-                    Vec::new()
-                } else {
+                let mut logp: Vec<f32> = Vec::with_capacity(positions.len());
+                if !positions.is_empty() {
                     let vocab = self.model.vocab_size();
-                    let positions = Tensor::from_vec(positions, n, self.device)?;
-                    let targets = Tensor::from_vec(targets, (n, 1), self.device)?;
-                    let picked = logits
-                        .reshape((rows.len() * len, vocab))?
-                        .index_select(&positions, 0)?;
-                    candle_nn::ops::log_softmax(&picked, D::Minus1)?
-                        .gather(&targets, 1)?
-                        .squeeze(1)?
-                        .to_vec1::<f32>()?
-                };
+                    let mut sink = |logits: Tensor| -> Result<()> {
+                        let n = logits.dim(0)?;
+                        if logits.dims() != [n, vocab] {
+                            return Err(Error::Eval(format!(
+                                "model returned logits of shape {:?}, expected [{n}, {vocab}]",
+                                logits.dims()
+                            )));
+                        }
+                        let at = logp.len();
+                        let t = Tensor::from_slice(&targets[at..at + n], (n, 1), self.device)?;
+                        let picked =
+                            candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?
+                                .gather(&t, 1)?
+                                .squeeze(1)?;
+                        logp.extend(picked.to_vec1::<f32>()?);
+                        Ok(())
+                    };
+                    self.model
+                        .logits_at(&input, &positions, LOGIT_CHUNK, &mut sink)?;
+                }
+                if logp.len() != positions.len() {
+                    return Err(Error::Eval(format!(
+                        "model returned {} scored positions, expected {}",
+                        logp.len(),
+                        positions.len()
+                    )));
+                }
                 let mut offset = 0;
                 Ok(batch
                     .iter()
@@ -104,6 +127,10 @@ impl Runner<'_> {
     }
 
     /// Greedy generation from each prompt; returns the decoded outputs, cut at `stop`.
+    ///
+    /// Models with a cache ([`CausalLm::decoder`]) prefill each batch once and then decode one
+    /// token per step; finished rows leave the batch. Others re-run the whole sequence at every
+    /// step. Both give the same tokens.
     pub fn generate(
         &self,
         prompts: &[&[u32]],
@@ -117,32 +144,28 @@ impl Runner<'_> {
         let results = batches
             .par_iter()
             .map(|batch| -> Result<Vec<(usize, String)>, EvalError> {
-                let mut seqs: Vec<Vec<u32>> = batch.iter().map(|&i| prompts[i].to_vec()).collect();
-                let mut texts = vec![String::new(); batch.len()];
-                let mut done = vec![max_new_tokens == 0; batch.len()];
-                for _ in 0..max_new_tokens {
-                    let active: Vec<usize> = (0..batch.len()).filter(|&r| !done[r]).collect();
-                    if active.is_empty() {
-                        break;
-                    }
-                    let rows: Vec<&[u32]> = active.iter().map(|&r| seqs[r].as_slice()).collect();
-                    let next = self.next_tokens(&rows).map_err(candidate_err)?;
-                    for (&r, tokn) in active.iter().zip(next) {
-                        if Some(tokn) == eos {
-                            done[r] = true;
-                            continue;
+                let mut state = Generation {
+                    new: vec![Vec::new(); batch.len()],
+                    texts: vec![String::new(); batch.len()],
+                    done: vec![max_new_tokens == 0; batch.len()],
+                    eos,
+                    stop,
+                    tok,
+                };
+                if max_new_tokens > 0 {
+                    let rows: Vec<&[u32]> = batch.iter().map(|&i| prompts[i]).collect();
+                    match self
+                        .model
+                        .decoder(&rows, max_new_tokens)
+                        .map_err(candidate_err)?
+                    {
+                        Some((dec, logits)) => {
+                            self.decode_cached(dec, logits, &mut state, max_new_tokens)?
                         }
-                        seqs[r].push(tokn);
-                        let text = tok.decode(&seqs[r][prompts[batch[r]].len()..])?;
-                        if let Some(cut) = (!stop.is_empty()).then(|| text.find(stop)).flatten() {
-                            texts[r] = text[..cut].to_string();
-                            done[r] = true;
-                        } else {
-                            texts[r] = text;
-                        }
+                        None => self.decode_full(&rows, &mut state, max_new_tokens)?,
                     }
                 }
-                Ok(batch.iter().copied().zip(texts).collect())
+                Ok(batch.iter().copied().zip(state.texts).collect())
             })
             .collect::<Result<Vec<_>, EvalError>>()?;
         let mut out = vec![String::new(); prompts.len()];
@@ -150,6 +173,70 @@ impl Runner<'_> {
             out[i] = t;
         }
         Ok(out)
+    }
+
+    /// Incremental decoding: `logits` are the prefill's; row `k` of the decoder is the `k`-th
+    /// row of `state` not yet done.
+    fn decode_cached(
+        &self,
+        mut dec: Box<dyn crate::model::Decode + '_>,
+        mut logits: Tensor,
+        state: &mut Generation<'_>,
+        max_new_tokens: usize,
+    ) -> Result<(), EvalError> {
+        let mut active: Vec<usize> = (0..state.done.len()).collect();
+        for step in 0..max_new_tokens {
+            let next = logits
+                .argmax(D::Minus1)
+                .and_then(|t| t.to_vec1::<u32>())
+                .map_err(|e| candidate_err(e.into()))?;
+            if next.len() != active.len() {
+                return Err(EvalError::Candidate(format!(
+                    "decoder returned {} rows, expected {}",
+                    next.len(),
+                    active.len()
+                )));
+            }
+            for (&r, &t) in active.iter().zip(&next) {
+                state.push(r, t)?;
+            }
+            let keep: Vec<usize> = (0..active.len())
+                .filter(|&k| !state.done[active[k]])
+                .collect();
+            if keep.is_empty() || step + 1 == max_new_tokens {
+                break;
+            }
+            dec.retain(&keep).map_err(candidate_err)?;
+            let tokens: Vec<u32> = keep.iter().map(|&k| next[k]).collect();
+            active = keep.iter().map(|&k| active[k]).collect();
+            logits = dec.step(&tokens).map_err(candidate_err)?;
+        }
+        Ok(())
+    }
+
+    /// Generation without a cache: the whole sequence at every step.
+    fn decode_full(
+        &self,
+        prompts: &[&[u32]],
+        state: &mut Generation<'_>,
+        max_new_tokens: usize,
+    ) -> Result<(), EvalError> {
+        for _ in 0..max_new_tokens {
+            let active: Vec<usize> = (0..prompts.len()).filter(|&r| !state.done[r]).collect();
+            if active.is_empty() {
+                break;
+            }
+            let seqs: Vec<Vec<u32>> = active
+                .iter()
+                .map(|&r| [prompts[r], state.new[r].as_slice()].concat())
+                .collect();
+            let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            let next = self.next_tokens(&rows).map_err(candidate_err)?;
+            for (&r, t) in active.iter().zip(next) {
+                state.push(r, t)?;
+            }
+        }
+        Ok(())
     }
 
     /// The greedy next token after each (non-empty) sequence.
@@ -166,6 +253,45 @@ impl Runner<'_> {
             .reshape((rows.len() * len, vocab))?
             .index_select(&last, 0)?;
         Ok(picked.argmax(D::Minus1)?.to_vec1::<u32>()?)
+    }
+}
+
+/// Positions whose logits exist at once when scoring log-likelihoods: 256 × a 128k vocabulary
+/// is 128 MiB of f32.
+pub const LOGIT_CHUNK: usize = 256;
+
+/// The generation state of one batch's rows.
+struct Generation<'t> {
+    /// Tokens generated so far (EOS excluded).
+    new: Vec<Vec<u32>>,
+    /// Decoded outputs, cut at the stop string.
+    texts: Vec<String>,
+    done: Vec<bool>,
+    eos: Option<u32>,
+    stop: &'t str,
+    tok: &'t dyn TextTokenizer,
+}
+
+impl Generation<'_> {
+    /// Row `r` generated `token`: EOS ends it; otherwise the token is kept and the text
+    /// re-decoded, ending the row when the stop string appears (the output is cut there).
+    fn push(&mut self, r: usize, token: u32) -> Result<(), EvalError> {
+        if Some(token) == self.eos {
+            self.done[r] = true;
+            return Ok(());
+        }
+        self.new[r].push(token);
+        let text = self.tok.decode(&self.new[r])?;
+        if let Some(cut) = (!self.stop.is_empty())
+            .then(|| text.find(self.stop))
+            .flatten()
+        {
+            self.texts[r] = text[..cut].to_string();
+            self.done[r] = true;
+        } else {
+            self.texts[r] = text;
+        }
+        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@
 //! [`Transformer`], a route becomes a [`RoutedModel`], a model directory is opened with
 //! [`crate::store::Model::open`] and decoded to `f32`.
 
+pub mod decode;
 pub mod mlp;
 pub mod train;
 pub mod transformer;
@@ -22,6 +23,58 @@ pub trait CausalLm: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// `input_ids`: `[batch, seq]` u32 → logits `[batch, seq, vocab]` f32.
     fn forward(&self, input_ids: &Tensor) -> Result<Tensor>;
+
+    /// The logits (f32) at flat positions `row · seq + t` of `input_ids`, handed to `sink` in
+    /// order, at most `chunk` positions (`[≤ chunk, vocab]`) at a time. Transformers run the
+    /// head on those positions only, so full-vocabulary logits of every position never exist;
+    /// the default slices [`CausalLm::forward`]'s output.
+    fn logits_at(
+        &self,
+        input_ids: &Tensor,
+        positions: &[u32],
+        chunk: usize,
+        sink: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let (b, s) = input_ids.dims2()?;
+        let logits = self
+            .forward(input_ids)?
+            .reshape((b * s, self.vocab_size()))?;
+        for part in positions.chunks(chunk.max(1)) {
+            let idx = Tensor::from_slice(part, part.len(), input_ids.device())?;
+            sink(logits.index_select(&idx, 0)?)?;
+        }
+        Ok(())
+    }
+
+    /// Start incremental decoding of `prompts` (each non-empty) with room for
+    /// `max_new_tokens` more tokens: the decoder and the logits `[batch, vocab]` of each
+    /// prompt's next token. `None` when the model has no cache (callers re-run
+    /// [`CausalLm::forward`] instead).
+    fn decoder(
+        &self,
+        _prompts: &[&[u32]],
+        _max_new_tokens: usize,
+    ) -> Result<Option<(Box<dyn Decode + '_>, Tensor)>> {
+        Ok(None)
+    }
+}
+
+/// A batch being decoded incrementally ([`decode::Decoder`] for transformers).
+pub trait Decode {
+    /// Append one token per row; the logits `[rows, vocab]` (f32) of the next.
+    fn step(&mut self, tokens: &[u32]) -> Result<Tensor>;
+    /// Keep only the rows at `keep` (ascending indices into the current rows).
+    fn retain(&mut self, keep: &[usize]) -> Result<()>;
+}
+
+impl Decode for decode::Decoder<'_> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        decode::Decoder::step(self, tokens)
+    }
+
+    fn retain(&mut self, keep: &[usize]) -> Result<()> {
+        decode::Decoder::retain(self, keep)
+    }
 }
 
 /// Build a runnable model for a candidate: merged tensors, a route over several models, or a

@@ -35,7 +35,8 @@ use serde_json::Value;
 
 use crate::candidate::{MemModel, Route};
 use crate::error::{Error, Result};
-use crate::model::CausalLm;
+use crate::model::decode::Stack;
+use crate::model::{CausalLm, Decode};
 use crate::store::TensorSource;
 
 /// The config.json fields the forward reads.
@@ -266,31 +267,33 @@ impl LlamaConfig {
 
 /// One decoder layer's tensors.
 #[derive(Clone, Debug)]
-struct Layer {
-    input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_bias: Option<Tensor>,
-    k_bias: Option<Tensor>,
-    v_bias: Option<Tensor>,
-    o: Tensor,
-    post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+pub(super) struct Layer {
+    pub(super) input_norm: Tensor,
+    pub(super) q: Tensor,
+    pub(super) k: Tensor,
+    pub(super) v: Tensor,
+    pub(super) q_bias: Option<Tensor>,
+    pub(super) k_bias: Option<Tensor>,
+    pub(super) v_bias: Option<Tensor>,
+    pub(super) o: Tensor,
+    pub(super) post_norm: Tensor,
+    pub(super) gate: Tensor,
+    pub(super) up: Tensor,
+    pub(super) down: Tensor,
 }
 
 /// A decoder-only transformer whose weights are candle tensors (plain tensors, or [`candle_core::Var`]s'
 /// tensors when training).
 #[derive(Clone, Debug)]
 pub struct Transformer {
-    config: LlamaConfig,
+    pub(super) config: LlamaConfig,
     embed: Tensor,
-    layers: Vec<Layer>,
+    pub(super) layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Tensor,
-    device: Device,
+    pub(super) device: Device,
+    /// The compute dtype (that of every weight).
+    pub(super) dtype: DType,
 }
 
 impl Transformer {
@@ -377,6 +380,7 @@ impl Transformer {
             norm,
             lm_head,
             device: device.clone(),
+            dtype,
         })
     }
 
@@ -452,27 +456,37 @@ impl Transformer {
             ))
         })?;
         let (_, s, _) = x.dims3()?;
-        let rope = rope_tables(s, &self.config, &self.device)?;
-        let mask = causal_mask(s, &self.device)?;
+        let rope = rope_tables(s, &self.config, &self.device, self.dtype)?;
+        let mask = causal_mask(s, &self.device, self.dtype)?;
         self.run_layer(l, x, &rope, &mask)
     }
 
     /// Final norm and LM head: hidden `[batch, seq, hidden]` → logits `[batch, seq, vocab]`.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
         let x = rms_norm(x, &self.norm, self.config.rms_norm_eps)?;
-        Ok(linear(&x, &self.lm_head, None)?)
+        Ok(linear(&x, &self.lm_head, None)?.to_dtype(DType::F32)?)
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Hidden states after the last layer (before the final norm): `[batch, seq, hidden]`.
+    pub fn hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed(input_ids)?;
+        let (_, s, _) = x.dims3()?;
+        let rope = rope_tables(s, &self.config, &self.device, self.dtype)?;
+        let mask = causal_mask(s, &self.device, self.dtype)?;
+        for l in &self.layers {
+            x = self.run_layer(l, &x, &rope, &mask)?;
+        }
+        Ok(x)
     }
 
     /// Logits for every position: `[batch, seq]` u32 → `[batch, seq, vocab]` f32.
     pub fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let mut x = self.embed(input_ids)?;
-        let (_, s, _) = x.dims3()?;
-        let rope = rope_tables(s, &self.config, &self.device)?;
-        let mask = causal_mask(s, &self.device)?;
-        for l in &self.layers {
-            x = self.run_layer(l, &x, &rope, &mask)?;
-        }
-        self.head(&x)
+        self.head(&self.hidden(input_ids)?)
     }
 
     fn run_layer(
@@ -500,18 +514,13 @@ impl Transformer {
             (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?)
         };
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = softmax_last(&scores)?;
+        let probs = masked_softmax(&scores, mask)?;
         let attn = probs
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, s, nh * hd))?;
         let x = (x + linear(&attn, &l.o, None)?)?;
-        let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
-        let gate = linear(&h, &l.gate, None)?;
-        let up = linear(&h, &l.up, None)?;
-        let act = (silu(&gate)? * up)?;
-        Ok((&x + linear(&act, &l.down, None)?)?)
+        mlp_block(l, &x, c.rms_norm_eps)
     }
 }
 
@@ -523,6 +532,42 @@ impl CausalLm for Transformer {
     fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.logits(input_ids)
     }
+
+    fn logits_at(
+        &self,
+        input_ids: &Tensor,
+        positions: &[u32],
+        chunk: usize,
+        sink: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
+        head_at(self, &self.hidden(input_ids)?, positions, chunk, sink)
+    }
+
+    fn decoder(
+        &self,
+        prompts: &[&[u32]],
+        max_new_tokens: usize,
+    ) -> Result<Option<(Box<dyn Decode + '_>, Tensor)>> {
+        let (dec, logits) = Stack::plain(self).start(prompts, max_new_tokens)?;
+        Ok(Some((Box::new(dec), logits)))
+    }
+}
+
+/// The head's logits at flat positions of `hidden` (`[b, s, h]`), `chunk` positions at a time.
+fn head_at(
+    model: &Transformer,
+    hidden: &Tensor,
+    positions: &[u32],
+    chunk: usize,
+    sink: &mut dyn FnMut(Tensor) -> Result<()>,
+) -> Result<()> {
+    let (b, s, h) = hidden.dims3()?;
+    let flat = hidden.reshape((b * s, h))?;
+    for part in positions.chunks(chunk.max(1)) {
+        let idx = Tensor::from_slice(part, part.len(), hidden.device())?;
+        sink(model.head(&flat.index_select(&idx, 0)?)?)?;
+    }
+    Ok(())
 }
 
 /// Run a data-flow route: embeddings, final norm and head of `models[route.embed_model]`; then
@@ -530,6 +575,17 @@ impl CausalLm for Transformer {
 /// model's RoPE settings. Errors (not panics) for an out-of-range model or layer index, or
 /// models whose hidden sizes differ.
 pub fn forward_route(models: &[&Transformer], route: &Route, input_ids: &Tensor) -> Result<Tensor> {
+    let (embed, x) = route_hidden(models, route, input_ids)?;
+    embed.head(&x)
+}
+
+/// The hidden state after a route's last hop (before the final norm), with the model whose
+/// head finishes it.
+fn route_hidden<'m>(
+    models: &[&'m Transformer],
+    route: &Route,
+    input_ids: &Tensor,
+) -> Result<(&'m Transformer, Tensor)> {
     let embed = models.get(route.embed_model).ok_or_else(|| {
         Error::msg(format!(
             "route: embed_model {} out of range ({} models)",
@@ -540,7 +596,7 @@ pub fn forward_route(models: &[&Transformer], route: &Route, input_ids: &Tensor)
     let mut x = embed.embed(input_ids)?;
     let (_, s, hidden) = x.dims3()?;
     let mut tables: HashMap<usize, (Tensor, Tensor)> = HashMap::new();
-    let mask = causal_mask(s, &embed.device)?;
+    let mask = causal_mask(s, &embed.device, embed.dtype)?;
     for (n, hop) in route.hops.iter().enumerate() {
         let m = models.get(hop.model).ok_or_else(|| {
             Error::msg(format!(
@@ -564,14 +620,17 @@ pub fn forward_route(models: &[&Transformer], route: &Route, input_ids: &Tensor)
             )));
         }
         if let std::collections::hash_map::Entry::Vacant(e) = tables.entry(hop.model) {
-            e.insert(rope_tables(s, &m.config, &m.device)?);
+            e.insert(rope_tables(s, &m.config, &m.device, m.dtype)?);
         }
         if hop.scale != 1.0 {
             x = (x * hop.scale as f64)?;
         }
+        if x.dtype() != m.dtype {
+            x = x.to_dtype(m.dtype)?;
+        }
         x = m.run_layer(l, &x, &tables[&hop.model], &mask)?;
     }
-    embed.head(&x)
+    Ok((embed, x.to_dtype(embed.dtype)?))
 }
 
 /// A route over several in-memory models, runnable as one [`CausalLm`].
@@ -593,10 +652,32 @@ impl CausalLm for RoutedModel {
         let refs: Vec<&Transformer> = self.models.iter().collect();
         forward_route(&refs, &self.route, input_ids)
     }
+
+    fn logits_at(
+        &self,
+        input_ids: &Tensor,
+        positions: &[u32],
+        chunk: usize,
+        sink: &mut dyn FnMut(Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let refs: Vec<&Transformer> = self.models.iter().collect();
+        let (embed, x) = route_hidden(&refs, &self.route, input_ids)?;
+        head_at(embed, &x, positions, chunk, sink)
+    }
+
+    fn decoder(
+        &self,
+        prompts: &[&[u32]],
+        max_new_tokens: usize,
+    ) -> Result<Option<(Box<dyn Decode + '_>, Tensor)>> {
+        let (dec, logits) =
+            Stack::route(&self.models, &self.route)?.start(prompts, max_new_tokens)?;
+        Ok(Some((Box::new(dec), logits)))
+    }
 }
 
 /// `x · wᵀ (+ b)` for `x` of any rank ≥ 2 and `w` `[out, in]`.
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+pub(super) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
     // One 2-D matmul over all rows (much faster on CPU than a broadcast batched matmul, and its
     // backward needs no broadcast reduction).
     let dims = x.dims().to_vec();
@@ -611,8 +692,39 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Ten
     }
 }
 
-/// RMSNorm: `x / sqrt(mean(x²) + eps) · w` over the last dimension.
+/// The MLP half of a decoder layer with its residual:
+/// `x + down(silu(gate(n)) · up(n))` with `n = post_attention_layernorm(x)`.
+pub(super) fn mlp_block(l: &Layer, x: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = rms_norm(x, &l.post_norm, eps)?;
+    let gate = linear(&h, &l.gate, None)?;
+    let up = linear(&h, &l.up, None)?;
+    let act = (silu(&gate)? * up)?;
+    Ok((x + linear(&act, &l.down, None)?)?)
+}
+
+/// `softmax(scores + mask)` over the last dimension. Half-precision scores are upcast to `f32`
+/// for the softmax (as transformers does) and the probabilities cast back.
+pub(super) fn masked_softmax(scores: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let dt = scores.dtype();
+    if dt == DType::F32 {
+        return softmax_last(&scores.broadcast_add(mask)?);
+    }
+    let s = scores
+        .to_dtype(DType::F32)?
+        .broadcast_add(&mask.to_dtype(DType::F32)?)?;
+    softmax_last(&s)?.to_dtype(dt)
+}
+
+/// RMSNorm: `x / sqrt(mean(x²) + eps) · w` over the last dimension. Half-precision inputs are
+/// normalised in `f32` and cast back before the weight is applied (transformers' order).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dt = x.dtype();
+    if dt != DType::F32 {
+        let x32 = x.to_dtype(DType::F32)?;
+        let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (ms + eps)?.sqrt()?.recip()?;
+        return x32.broadcast_mul(&inv)?.to_dtype(dt)?.broadcast_mul(w);
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     let inv = (ms + eps)?.sqrt()?.recip()?;
     x.broadcast_mul(&inv)?.broadcast_mul(w)
@@ -647,7 +759,19 @@ fn rope_tables(
     seq: usize,
     config: &LlamaConfig,
     device: &Device,
+    dtype: DType,
 ) -> candle_core::Result<(Tensor, Tensor)> {
+    let positions: Vec<usize> = (0..seq).collect();
+    let (cos, sin) = rope_values(&positions, config);
+    let head_dim = config.head_dim;
+    Ok((
+        Tensor::from_vec(cos, (seq, head_dim), device)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, (seq, head_dim), device)?.to_dtype(dtype)?,
+    ))
+}
+
+/// `cos` and `sin` of the RoPE angles at each of `positions`, `head_dim` values each.
+pub(super) fn rope_values(positions: &[usize], config: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
     let head_dim = config.head_dim;
     // transformers keeps inv_freq in f32 and forms the product in f32; match that
     let freqs: Vec<f32> = inv_freqs(head_dim, config.rope_theta, config.rope_scaling)
@@ -655,24 +779,21 @@ fn rope_tables(
         .map(|f| f as f32)
         .collect();
     let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(seq * head_dim);
-    let mut sin = Vec::with_capacity(seq * head_dim);
-    for p in 0..seq {
+    let mut cos = Vec::with_capacity(positions.len() * head_dim);
+    let mut sin = Vec::with_capacity(positions.len() * head_dim);
+    for &p in positions {
         for j in 0..head_dim {
             let angle = p as f32 * freqs[j % half];
             cos.push(angle.cos());
             sin.push(angle.sin());
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (seq, head_dim), device)?,
-        Tensor::from_vec(sin, (seq, head_dim), device)?,
-    ))
+    (cos, sin)
 }
 
 /// `x · cos + rotate_half(x) · sin` with `rotate_half([a, b]) = [−b, a]`; `x` is
 /// `[batch, heads, seq, head_dim]`.
-fn apply_rope(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
+pub(super) fn apply_rope(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let a = x.narrow(D::Minus1, 0, d / 2)?;
     let b = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -691,14 +812,14 @@ fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
 }
 
 /// Additive causal mask `[seq, seq]`: 0 on and below the diagonal, −∞ above.
-fn causal_mask(seq: usize, device: &Device) -> candle_core::Result<Tensor> {
+fn causal_mask(seq: usize, device: &Device, dtype: DType) -> candle_core::Result<Tensor> {
     let mut m = vec![0f32; seq * seq];
     for i in 0..seq {
         for j in i + 1..seq {
             m[i * seq + j] = f32::NEG_INFINITY;
         }
     }
-    Tensor::from_vec(m, (seq, seq), device)
+    Tensor::from_vec(m, (seq, seq), device)?.to_dtype(dtype)
 }
 
 #[cfg(test)]

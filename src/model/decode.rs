@@ -1,0 +1,309 @@
+//! Incremental decoding with a key/value cache: prefill a batch of prompts once, then feed one
+//! token per sequence per step.
+//!
+//! **Batching.** Prompts of different lengths are *left*-padded to the longest, so every row's
+//! last prompt token sits in the same column and one step appends one column for all rows. Each
+//! row's pad columns are masked out of every attention (−∞ before the softmax, so they contribute
+//! exactly zero), and RoPE positions are counted from the row's first real token, so a row sees
+//! exactly what it would see alone: position `p` of a prompt gets angle `p · f`, whatever the
+//! padding. Pad *queries* attend to themselves only (their outputs are never read), which keeps
+//! every softmax row finite.
+//!
+//! **Cache.** One slot per hop of the stack: a plain model has one hop per layer; a data-flow
+//! route ([`crate::candidate::Route`]) has one hop per visit, so a layer that a route runs twice
+//! gets two slots. Each slot holds keys and values `[batch, kv_heads, capacity, head_dim]` (the
+//! kv heads, not the repeated query heads), allocated once for prompt + `max_new_tokens` columns
+//! and filled in place. Attention over the cache groups the query heads by their kv head
+//! (`[b, kv, rep·s, d] × [b, kv, d, C]`), so no repeated copy of the cache is made.
+//!
+//! **Finished rows** leave the batch ([`Decoder::retain`]): the cache keeps only the rows still
+//! generating, so a batch gets cheaper as its sequences end.
+//!
+//! Greedy outputs equal those of the full forward ([`Transformer::logits`] re-run on the whole
+//! sequence at every step) token for token; `tests/decode.rs` checks it on the toy world, random
+//! Llama / Qwen2 / Mistral checkpoints and data-flow routes.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::candidate::Route;
+use crate::error::{Error, Result};
+use crate::model::transformer::{
+    Layer, Transformer, apply_rope, linear, masked_softmax, mlp_block, rms_norm, rope_values,
+};
+
+/// The layers a decoder runs: embeddings and head of one model, then a sequence of
+/// `(model, layer, scale)` hops (the hidden state is multiplied by `scale` before the hop).
+#[derive(Clone)]
+pub struct Stack<'a> {
+    embed: &'a Transformer,
+    hops: Vec<(&'a Transformer, usize, f32)>,
+}
+
+impl<'a> Stack<'a> {
+    /// Every layer of one model, in order.
+    pub fn plain(model: &'a Transformer) -> Self {
+        Stack {
+            embed: model,
+            hops: (0..model.layers.len()).map(|l| (model, l, 1.0)).collect(),
+        }
+    }
+
+    /// A data-flow route over `models`; indices are checked here.
+    pub fn route(models: &'a [Transformer], route: &Route) -> Result<Self> {
+        let embed = models.get(route.embed_model).ok_or_else(|| {
+            Error::msg(format!(
+                "route: embed_model {} out of range ({} models)",
+                route.embed_model,
+                models.len()
+            ))
+        })?;
+        let hidden = embed.config.hidden_size;
+        let mut hops = Vec::with_capacity(route.hops.len());
+        for (n, hop) in route.hops.iter().enumerate() {
+            let m = models.get(hop.model).ok_or_else(|| {
+                Error::msg(format!(
+                    "route hop {n}: model {} out of range ({} models)",
+                    hop.model,
+                    models.len()
+                ))
+            })?;
+            if hop.layer >= m.layers.len() {
+                return Err(Error::msg(format!(
+                    "route hop {n}: layer {} out of range (model {} has {} layers)",
+                    hop.layer,
+                    hop.model,
+                    m.layers.len()
+                )));
+            }
+            if m.config.hidden_size != hidden {
+                return Err(Error::Mismatch(format!(
+                    "route hop {n}: model {} has hidden_size {}, the route's embeddings {hidden}",
+                    hop.model, m.config.hidden_size
+                )));
+            }
+            hops.push((m, hop.layer, hop.scale));
+        }
+        Ok(Stack { embed, hops })
+    }
+
+    /// Prefill `prompts` (each non-empty) and return the decoder with the logits `[batch, vocab]`
+    /// (f32) of each prompt's next token. The cache has room for `max_new_tokens` more tokens.
+    pub fn start(self, prompts: &[&[u32]], max_new_tokens: usize) -> Result<(Decoder<'a>, Tensor)> {
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            return Err(Error::msg("decode: every prompt needs at least one token"));
+        }
+        let b = prompts.len();
+        let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+        let mut ids = vec![0u32; b * width];
+        for (row, (p, &pad)) in ids.chunks_mut(width).zip(prompts.iter().zip(&pads)) {
+            row[pad..].copy_from_slice(p);
+        }
+        let device = self.embed.device.clone();
+        let input = Tensor::from_vec(ids, (b, width), &device)?;
+        let capacity = width + max_new_tokens;
+        let mut dec = Decoder {
+            stack: self,
+            slots: Vec::new(),
+            pads,
+            filled: 0,
+            capacity,
+            device,
+        };
+        let logits = dec.run(&input)?;
+        Ok((dec, logits))
+    }
+}
+
+/// Key and value cache of one hop: `[batch, kv_heads, capacity, head_dim]`.
+struct Slot {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// A batch being decoded; see the module docs.
+pub struct Decoder<'a> {
+    stack: Stack<'a>,
+    /// One per hop, created by the prefill.
+    slots: Vec<Slot>,
+    /// Pad columns at the start of each row.
+    pads: Vec<usize>,
+    /// Columns of the cache in use.
+    filled: usize,
+    capacity: usize,
+    device: Device,
+}
+
+impl Decoder<'_> {
+    /// Rows still in the batch.
+    pub fn rows(&self) -> usize {
+        self.pads.len()
+    }
+
+    /// Append one token to each row and return the logits `[rows, vocab]` of the next.
+    pub fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        if tokens.len() != self.rows() {
+            return Err(Error::msg(format!(
+                "decode: {} tokens for {} rows",
+                tokens.len(),
+                self.rows()
+            )));
+        }
+        if self.filled >= self.capacity {
+            return Err(Error::msg(format!(
+                "decode: the cache is full ({} columns)",
+                self.capacity
+            )));
+        }
+        let input = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), &self.device)?;
+        self.run(&input)
+    }
+
+    /// Keep only the rows at `keep` (indices into the current rows, ascending).
+    pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.len() == self.rows() {
+            return Ok(());
+        }
+        if let Some(&bad) = keep.iter().find(|&&r| r >= self.rows()) {
+            return Err(Error::msg(format!(
+                "decode: row {bad} out of range ({} rows)",
+                self.rows()
+            )));
+        }
+        self.pads = keep.iter().map(|&r| self.pads[r]).collect();
+        if keep.is_empty() {
+            self.slots.clear();
+            return Ok(());
+        }
+        let idx = Tensor::from_vec(
+            keep.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            keep.len(),
+            &self.device,
+        )?;
+        for slot in &mut self.slots {
+            slot.k = slot.k.index_select(&idx, 0)?;
+            slot.v = slot.v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Run `input` (`[rows, s]`, the next `s` columns) through the stack, filling the cache;
+    /// returns the last column's logits.
+    fn run(&mut self, input: &Tensor) -> Result<Tensor> {
+        let (b, s) = input.dims2()?;
+        let start = self.filled;
+        let total = start + s;
+        let embed = self.stack.embed;
+        let mut x = embed.embed(input)?;
+        // RoPE angles per row and column; the additive mask [b, 1, 1, s, total].
+        let mut positions = Vec::with_capacity(b * s);
+        let mut mask = vec![0f32; b * s * total];
+        for (r, &pad) in self.pads.iter().enumerate() {
+            for i in 0..s {
+                let col = start + i;
+                positions.push(col.saturating_sub(pad));
+                let row = &mut mask[(r * s + i) * total..(r * s + i + 1) * total];
+                for (j, m) in row.iter_mut().enumerate() {
+                    if j > col || (j < pad && j != col) {
+                        *m = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, s, total), &self.device)?;
+        let fresh = self.slots.is_empty();
+        let mut ropes: Vec<(*const Transformer, (Tensor, Tensor))> = Vec::new();
+        let mut masks: Vec<(DType, Tensor)> = Vec::new();
+        for h in 0..self.stack.hops.len() {
+            let (m, layer, scale) = self.stack.hops[h];
+            let key = m as *const Transformer;
+            let rope = match ropes.iter().find(|(k, _)| *k == key) {
+                Some((_, t)) => t.clone(),
+                None => {
+                    let (cos, sin) = rope_values(&positions, &m.config);
+                    let d = m.config.head_dim;
+                    let t = (
+                        Tensor::from_vec(cos, (b, 1, s, d), &self.device)?.to_dtype(m.dtype)?,
+                        Tensor::from_vec(sin, (b, 1, s, d), &self.device)?.to_dtype(m.dtype)?,
+                    );
+                    ropes.push((key, t.clone()));
+                    t
+                }
+            };
+            let mask = match masks.iter().find(|(d, _)| *d == m.dtype) {
+                Some((_, t)) => t.clone(),
+                None => {
+                    let t = mask.to_dtype(m.dtype)?;
+                    masks.push((m.dtype, t.clone()));
+                    t
+                }
+            };
+            if scale != 1.0 {
+                x = (x * f64::from(scale))?;
+            }
+            if x.dtype() != m.dtype {
+                x = x.to_dtype(m.dtype)?;
+            }
+            if fresh {
+                let c = &m.config;
+                let shape = (b, c.num_key_value_heads, self.capacity, c.head_dim);
+                self.slots.push(Slot {
+                    k: Tensor::zeros(shape, m.dtype, &self.device)?,
+                    v: Tensor::zeros(shape, m.dtype, &self.device)?,
+                });
+            }
+            let l = &m.layers[layer];
+            x = cached_layer(m, l, &x, &rope, &mask, &mut self.slots[h], start)?;
+        }
+        self.filled = total;
+        let last = x.narrow(1, s - 1, 1)?.squeeze(1)?;
+        if last.dtype() != embed.dtype {
+            return embed.head(&last.to_dtype(embed.dtype)?);
+        }
+        embed.head(&last)
+    }
+}
+
+/// One decoder layer over the new columns `x` (`[b, s, hidden]`, starting at cache column
+/// `start`), writing their keys and values into `slot` and attending over columns `..start + s`.
+fn cached_layer(
+    m: &Transformer,
+    l: &Layer,
+    x: &Tensor,
+    rope: &(Tensor, Tensor),
+    mask: &Tensor,
+    slot: &mut Slot,
+    start: usize,
+) -> Result<Tensor> {
+    let c = &m.config;
+    let (b, s, _) = x.dims3()?;
+    let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let rep = nh / nkv;
+    let total = start + s;
+    let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
+    let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
+        t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()
+    };
+    let q = heads(linear(&h, &l.q, l.q_bias.as_ref())?, nh)?;
+    let k = heads(linear(&h, &l.k, l.k_bias.as_ref())?, nkv)?;
+    let v = heads(linear(&h, &l.v, l.v_bias.as_ref())?, nkv)?;
+    let q = apply_rope(&q, rope)?;
+    let k = apply_rope(&k, rope)?.contiguous()?;
+    slot.k.slice_set(&k, 2, start)?;
+    slot.v.slice_set(&v, 2, start)?;
+    let keys = slot.k.narrow(2, 0, total)?;
+    let values = slot.v.narrow(2, 0, total)?;
+    // Query heads grouped by their kv head: head j uses kv head j / rep (transformers'
+    // `repeat_kv`), so [b, nh, s, d] → [b, kv, rep·s, d] is a plain reshape.
+    let q = q.contiguous()?.reshape((b, nkv, rep * s, hd))?;
+    let scores = (q.matmul(&keys.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = scores.reshape((b, nkv, rep, s, total))?;
+    let probs = masked_softmax(&scores, mask)?.reshape((b, nkv, rep * s, total))?;
+    let attn = probs
+        .matmul(&values)?
+        .reshape((b, nh, s, hd))?
+        .transpose(1, 2)?
+        .reshape((b, s, nh * hd))?;
+    let x = (x + linear(&attn, &l.o, None)?)?;
+    mlp_block(l, &x, c.rms_norm_eps)
+}
