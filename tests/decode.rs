@@ -84,6 +84,20 @@ fn prompts(vocab: usize, seed: u64) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Prompts that share their first 6 tokens (a few-shot prefix), then differ in length.
+fn prefixed_prompts(vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let prefix: Vec<u32> = (0..6).map(|_| rng.random_range(0..vocab as u32)).collect();
+    [4usize, 1, 9, 2, 6]
+        .iter()
+        .map(|&n| {
+            let mut p = prefix.clone();
+            p.extend((0..n).map(|_| rng.random_range(0..vocab as u32)));
+            p
+        })
+        .collect()
+}
+
 /// Greedy tokens by re-running the whole (unpadded) sequence through `forward`, one prompt at a
 /// time: the reference, with no padding and no cache.
 fn greedy_full(model: &dyn CausalLm, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
@@ -148,7 +162,15 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// The cached batch equals the one-prompt full forward: tokens exactly, logits to 1e-4.
 fn check_equivalence(label: &str, model: &dyn CausalLm, vocab: usize, seed: u64) {
-    let prompts = prompts(vocab, seed);
+    check_prompts(label, model, prompts(vocab, seed));
+    check_prompts(
+        &format!("{label}, shared prefix"),
+        model,
+        prefixed_prompts(vocab, seed),
+    );
+}
+
+fn check_prompts(label: &str, model: &dyn CausalLm, prompts: Vec<Vec<u32>>) {
     let n = 12;
     let (cached, cached_logits) = greedy_cached(model, &prompts, n, (2, 4));
     for (r, p) in prompts.iter().enumerate() {

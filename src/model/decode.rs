@@ -4,10 +4,14 @@
 //! **Batching.** Prompts of different lengths are *left*-padded to the longest, so every row's
 //! last prompt token sits in the same column and one step appends one column for all rows. Each
 //! row's pad columns are masked out of every attention (−∞ before the softmax, so they contribute
-//! exactly zero), and RoPE positions are counted from the row's first real token, so a row sees
-//! exactly what it would see alone: position `p` of a prompt gets angle `p · f`, whatever the
-//! padding. Pad *queries* attend to themselves only (their outputs are never read), which keeps
-//! every softmax row finite.
+//! exactly zero), and RoPE positions skip them, so a row sees exactly what it would see alone:
+//! token `p` of a prompt gets angle `p · f`, whatever the padding. Pad *queries* attend to
+//! themselves only (their outputs are never read), which keeps every softmax row finite.
+//!
+//! **Shared prefix.** The tokens every prompt of a batch starts with (few-shot examples, a
+//! system prompt) are prefilled once, for one row, and that row's cache is copied to every row;
+//! the padding goes between the shared prefix and each row's own tokens
+//! (`[prefix][pad_r][own tokens]`), masked and skipped by the positions as above.
 //!
 //! **Cache.** One slot per hop of the stack: a plain model has one hop per layer; a data-flow
 //! route ([`crate::candidate::Route`]) has one hop per visit, so a layer that a route runs twice
@@ -88,28 +92,53 @@ impl<'a> Stack<'a> {
 
     /// Prefill `prompts` (each non-empty) and return the decoder with the logits `[batch, vocab]`
     /// (f32) of each prompt's next token. The cache has room for `max_new_tokens` more tokens.
+    ///
+    /// Tokens that every prompt of the batch starts with (a few-shot prefix, a system prompt)
+    /// are run once, for one row, and their cache copied to every row; the padding then sits
+    /// between that shared prefix and each row's own tokens.
     pub fn start(self, prompts: &[&[u32]], max_new_tokens: usize) -> Result<(Decoder<'a>, Tensor)> {
         if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
             return Err(Error::msg("decode: every prompt needs at least one token"));
         }
         let b = prompts.len();
+        // the shared prefix, leaving every row at least one token of its own
+        let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+        let shared = if b > 1 {
+            (0..shortest - 1)
+                .take_while(|&i| prompts.iter().all(|p| p[i] == prompts[0][i]))
+                .count()
+        } else {
+            0
+        };
         let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
-        let mut ids = vec![0u32; b * width];
-        for (row, (p, &pad)) in ids.chunks_mut(width).zip(prompts.iter().zip(&pads)) {
-            row[pad..].copy_from_slice(p);
-        }
         let device = self.embed.device.clone();
-        let input = Tensor::from_vec(ids, (b, width), &device)?;
-        let capacity = width + max_new_tokens;
         let mut dec = Decoder {
             stack: self,
             slots: Vec::new(),
-            pads,
+            shared,
+            pads: vec![0],
             filled: 0,
-            capacity,
+            capacity: width + max_new_tokens,
             device,
         };
+        if shared > 0 {
+            let prefix = Tensor::from_slice(&prompts[0][..shared], (1, shared), &dec.device)?;
+            dec.run(&prefix)?;
+            for slot in &mut dec.slots {
+                let dims = slot.k.dims4()?;
+                let rows = (b, dims.1, dims.2, dims.3);
+                slot.k = slot.k.broadcast_as(rows)?.contiguous()?;
+                slot.v = slot.v.broadcast_as(rows)?.contiguous()?;
+            }
+        }
+        dec.pads = pads;
+        let rest = width - shared;
+        let mut ids = vec![0u32; b * rest];
+        for (row, (p, &pad)) in ids.chunks_mut(rest).zip(prompts.iter().zip(&dec.pads)) {
+            row[pad..].copy_from_slice(&p[shared..]);
+        }
+        let input = Tensor::from_vec(ids, (b, rest), &dec.device)?;
         let logits = dec.run(&input)?;
         Ok((dec, logits))
     }
@@ -126,7 +155,9 @@ pub struct Decoder<'a> {
     stack: Stack<'a>,
     /// One per hop, created by the prefill.
     slots: Vec<Slot>,
-    /// Pad columns at the start of each row.
+    /// Columns of the prefix every row shares (before the padding).
+    shared: usize,
+    /// Pad columns of each row, right after the shared prefix.
     pads: Vec<usize>,
     /// Columns of the cache in use.
     filled: usize,
@@ -198,13 +229,18 @@ impl Decoder<'_> {
         // RoPE angles per row and column; the additive mask [b, 1, 1, s, total].
         let mut positions = Vec::with_capacity(b * s);
         let mut mask = vec![0f32; b * s * total];
+        let p = self.shared;
         for (r, &pad) in self.pads.iter().enumerate() {
             for i in 0..s {
                 let col = start + i;
-                positions.push(col.saturating_sub(pad));
+                positions.push(if col < p {
+                    col
+                } else {
+                    col.saturating_sub(pad)
+                });
                 let row = &mut mask[(r * s + i) * total..(r * s + i + 1) * total];
                 for (j, m) in row.iter_mut().enumerate() {
-                    if j > col || (j < pad && j != col) {
+                    if j > col || (j >= p && j < p + pad && j != col) {
                         *m = f32::NEG_INFINITY;
                     }
                 }
