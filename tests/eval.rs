@@ -473,3 +473,289 @@ fn scoring_a_merged_candidate_writes_nothing() {
     let control = thread_wchar() - before;
     assert!(control >= bytes as u64, "control wrote {control} < {bytes}");
 }
+
+/// GPT-2's byte → char map of byte-level BPE.
+fn byte_chars() -> Vec<char> {
+    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec!['\0'; 256];
+    for (b, c) in printable.iter().zip(chars) {
+        out[*b as usize] = char::from_u32(c).unwrap();
+    }
+    out
+}
+
+/// A byte-level BPE tokenizer without merges (token id = byte value) plus the special tokens
+/// `<s>` 256, `</s>` 257, `<|im_start|>` 258, `<|im_end|>` 259, written to `dir` with
+/// `post_processor` and the given JSON files (`None` = absent).
+fn byte_tokenizer_dir(
+    dir: &Path,
+    post_processor: serde_json::Value,
+    config: serde_json::Value,
+    tokenizer_config: Option<serde_json::Value>,
+    generation_config: Option<serde_json::Value>,
+) {
+    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars()
+        .iter()
+        .enumerate()
+        .map(|(b, c)| (c.to_string(), serde_json::json!(b)))
+        .collect();
+    let added: Vec<serde_json::Value> = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            serde_json::json!({"id": 256 + i, "content": t, "single_word": false,
+                "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+            "use_regex": true},
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+            "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
+            "byte_fallback": false, "vocab": vocab, "merges": []}
+    });
+    write(&dir.join("tokenizer.json"), &tokenizer.to_string());
+    write(&dir.join("config.json"), &config.to_string());
+    for (name, value) in [
+        ("tokenizer_config.json", tokenizer_config),
+        ("generation_config.json", generation_config),
+    ] {
+        let path = dir.join(name);
+        match value {
+            Some(v) => write(&path, &v.to_string()),
+            None => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+fn template_bos() -> serde_json::Value {
+    serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                 {"Sequence": {"id": "A", "type_id": 0}},
+                 {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [256], "tokens": ["<s>"]}}
+    })
+}
+
+/// The context ids the LM evaluator scores for `prompt` with the tokenizer in `dir`.
+fn context_of(dir: &Path, spec: TaskSpec, train: &[Example], prompt: &str) -> Vec<u32> {
+    let ex = Example::Generation {
+        prompt: prompt.into(),
+        target: "x".into(),
+    };
+    let name = spec.name.clone();
+    let task = Task::from_examples_with_train(spec, train, vec![ex.clone()], vec![ex]).unwrap();
+    let tok = evomerge::tokenizer::load_tokenizer(dir).unwrap();
+    let eval = LmEvaluator::try_new(vec![task], Arc::from(tok), LmConfig::default()).unwrap();
+    eval.context_ids(&name, Split::Dev, 0).unwrap().to_vec()
+}
+
+/// BOS is added exactly when the model's tokenizer adds it — the post-processor, overridden by
+/// tokenizer_config.json's `add_bos_token` — never because config.json names a
+/// `bos_token_id` (SmolLM2's is `<|im_start|>`). EOS ids come from all three files.
+#[test]
+fn hf_special_tokens_follow_the_model_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spec = || TaskSpec::new("t", "-", Metric::ExactMatch);
+    let config = serde_json::json!({"bos_token_id": 258, "eos_token_id": 257});
+    let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+        "trim_offsets": true, "use_regex": true});
+    byte_tokenizer_dir(d, byte_level, config.clone(), None, None);
+    assert_eq!(context_of(d, spec(), &[], "hi"), [104, 105]);
+    // Nothing to encode and no BOS: the context is EOS (lm-evaluation-harness's rule).
+    assert_eq!(context_of(d, spec(), &[], ""), [257]);
+
+    byte_tokenizer_dir(d, template_bos(), config.clone(), None, None);
+    assert_eq!(context_of(d, spec(), &[], "hi"), [256, 104, 105]);
+    let tok = evomerge::tokenizer::load_tokenizer(d).unwrap();
+    assert_eq!(tok.bos_id(), Some(256));
+    assert_eq!(tok.eos_ids(), [257]);
+    // Special tokens written in a text are their ids; decoding skips them.
+    assert_eq!(tok.encode("<|im_start|>a").unwrap(), [258, 97]);
+    assert_eq!(tok.decode(&[258, 97, 259]).unwrap(), "a");
+
+    byte_tokenizer_dir(
+        d,
+        template_bos(),
+        config.clone(),
+        Some(serde_json::json!({"add_bos_token": false,
+            "eos_token": {"content": "<|im_end|>", "special": true}})),
+        Some(serde_json::json!({"eos_token_id": [257, 259]})),
+    );
+    assert_eq!(context_of(d, spec(), &[], "hi"), [104, 105]);
+    let tok = evomerge::tokenizer::load_tokenizer(d).unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id()), (None, Some(259)));
+    assert_eq!(tok.eos_ids(), [259, 257]);
+
+    byte_tokenizer_dir(
+        d,
+        serde_json::Value::Null,
+        config,
+        Some(serde_json::json!({"add_bos_token": true, "bos_token": "<s>"})),
+        None,
+    );
+    assert_eq!(context_of(d, spec(), &[], "hi"), [256, 104, 105]);
+}
+
+/// SmolLM2-Instruct's chat template through minijinja, few-shot as turns, and the rendered
+/// `<|im_start|>` / `<|im_end|>` encoded as their ids.
+#[test]
+fn hf_chat_template_renders_and_encodes_special_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let template = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    byte_tokenizer_dir(
+        d,
+        template_bos(),
+        serde_json::json!({"eos_token_id": 259}),
+        Some(
+            serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>",
+            "bos_token": "<|im_start|>"}),
+        ),
+        None,
+    );
+    let mut spec = TaskSpec::new("chat", "-", Metric::ExactMatch);
+    spec.chat_template = true;
+    spec.fewshot = 1;
+    let shot = Example::Generation {
+        prompt: "1+1=".into(),
+        target: "2".into(),
+    };
+    let ids = context_of(d, spec, &[shot], "2+2=");
+    let bytes = |s: &str| s.bytes().map(u32::from).collect::<Vec<_>>();
+    let mut want = vec![258];
+    want.extend(bytes("system\nBe brief."));
+    want.extend([259, 10, 258]);
+    want.extend(bytes("user\n1+1="));
+    want.extend([259, 10, 258]);
+    want.extend(bytes("assistant\n2"));
+    want.extend([259, 10, 258]);
+    want.extend(bytes("user\n2+2="));
+    want.extend([259, 10, 258]);
+    want.extend(bytes("assistant\n"));
+    // No BOS from the post-processor: the template writes what the model expects.
+    assert_eq!(ids, want);
+
+    // No chat template in the model's files: a clear error when a task asks for one.
+    byte_tokenizer_dir(d, template_bos(), serde_json::json!({}), None, None);
+    let mut spec = TaskSpec::new("chat", "-", Metric::ExactMatch);
+    spec.chat_template = true;
+    let ex = vec![Example::Generation {
+        prompt: "q".into(),
+        target: "a".into(),
+    }];
+    let task = Task::from_examples(spec, ex.clone(), ex).unwrap();
+    let tok = evomerge::tokenizer::load_tokenizer(d).unwrap();
+    let e = LmEvaluator::try_new(vec![task], Arc::from(tok), LmConfig::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no chat template"), "{e}");
+}
+
+/// A tasks file with the lm-evaluation-harness-style options, loaded from disk: few-shot from
+/// train.jsonl, answer_regex, acc_norm; and the context guard naming the file and line.
+#[test]
+fn task_file_options_and_context_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        &d.join("tasks.toml"),
+        r#"
+[[tasks]]
+name = "gsm"
+path = "gsm"
+metric = "exact_match"
+fewshot = 2
+fewshot_separator = "\n"
+answer_regex = '#### (\-?[0-9\.\,]+)'
+max_new_tokens = 4
+batch_size = 2
+
+[[tasks]]
+name = "mc"
+path = "mc"
+metric = "multiple_choice"
+mc_score = "acc_norm"
+"#,
+    );
+    write(
+        &d.join("gsm/train.jsonl"),
+        "{\"prompt\":\"a\",\"target\":\"b\"}\n{\"prompt\":\"b\",\"target\":\"c\"}\n\
+         {\"prompt\":\"c\",\"target\":\"a\"}\n",
+    );
+    write(
+        &d.join("gsm/dev.jsonl"),
+        "{\"prompt\":\"a\",\"target\":\"1\"}\n\n{\"prompt\":\"bbbbbbbbbbbbbbbbbb\",\"target\":\"1\"}\n",
+    );
+    write(
+        &d.join("gsm/test.jsonl"),
+        "{\"prompt\":\"a\",\"target\":\"1\"}\n",
+    );
+    let mc = "{\"prompt\":\"a\",\"choices\":[\"b\",\"c\"],\"answer\":0}\n";
+    write(&d.join("mc/dev.jsonl"), mc);
+    write(&d.join("mc/test.jsonl"), mc);
+    let tasks = evomerge::eval::tasks::load_task_file(&d.join("tasks.toml")).unwrap();
+    assert_eq!(tasks[0].shots.len(), 2);
+    assert_eq!(tasks[0].spec.batch_size, Some(2));
+    let vocab = || Arc::new(CharVocab::new("abc\n"));
+    let eval = LmEvaluator::try_new(tasks.clone(), vocab(), LmConfig::default()).unwrap();
+    let shots: String = tasks[0]
+        .shots
+        .iter()
+        .map(|s| format!("{}{}\n", s.prompt, s.target))
+        .collect();
+    let want = CharVocab::new("abc\n").encode(&format!("{shots}a"));
+    use evomerge::tokenizer::TextTokenizer;
+    assert_eq!(
+        eval.context_ids("gsm", Split::Dev, 0).unwrap(),
+        want.unwrap()
+    );
+    let s = eval
+        .with_builder(bigram_builder())
+        .evaluate(&merged(chain_model(), None), Split::Dev)
+        .unwrap();
+    // The chain model never writes "#### 1"; the mc choice "b" follows "a".
+    assert_eq!(s.metrics["gsm/exact_match"], 0.0);
+    assert_eq!(s.metrics["mc/acc_norm"], 1.0);
+    assert_eq!(s.metrics["mc/multiple_choice"], 1.0);
+
+    // Dev line 3 (after a blank line) is too long for max_length 20 with 4 new tokens.
+    let cfg = LmConfig {
+        max_length: Some(20),
+        ..LmConfig::default()
+    };
+    let e = LmEvaluator::try_new(tasks, vocab(), cfg)
+        .err()
+        .unwrap()
+        .to_string();
+    let file = d.join("gsm").join("dev.jsonl");
+    assert!(
+        e.contains(&format!("task `gsm`, {}: line 3: needs", file.display())),
+        "{e}"
+    );
+    assert!(
+        e.contains("4 max_new_tokens), more than max_length 20"),
+        "{e}"
+    );
+}

@@ -13,28 +13,59 @@
 //!
 //! For each evaluation the model is built once from the candidate (through a [`ModelBuilder`],
 //! by default [`crate::model::build`], which builds merged candidates from memory: nothing is
-//! written to disk), then every task is scored:
+//! written to disk), then every task is scored.
 //!
-//! - **exact_match**: greedy generation from `[BOS] + prompt`, stopping at EOS, at the task's
-//!   stop string (cut off) or after `max_new_tokens`; correct when the output equals the target
-//!   after trimming whitespace. Score = accuracy.
+//! # The context
+//!
+//! An example's context is its prompt, after the task's few-shot examples joined by
+//! `fewshot_separator` (see [`crate::eval::tasks`]); [`render_prompt`] builds it. It is
+//! tokenized as one string, the way the model's tokenizer encodes an input: the BOS goes first
+//! only when the tokenizer adds one ([`TextTokenizer::bos_id`]: the tokenizer.json
+//! post-processor or tokenizer_config.json's `add_bos_token` for Hugging Face models; always
+//! for the toy char vocabulary). With `chat_template = true` the context is instead the model's
+//! chat template rendered with the prompt as the last user message (shots as earlier
+//! user / assistant turns) and `add_generation_prompt`; the template writes its own BOS, so none
+//! is added, and special tokens in the rendering (`<|im_start|>`) become their ids. A context
+//! that tokenizes to nothing becomes `[EOS]` (lm-evaluation-harness's rule).
+//!
+//! # Metrics
+//!
+//! - **exact_match**: greedy generation from the context, stopping at EOS, at the task's stop
+//!   string (cut off) or after `max_new_tokens`; correct when the output equals the target
+//!   after trimming whitespace, or, with `answer_regex`, when the extracted answer does
+//!   ([`Task::is_correct`]). `<task>/exact_match` = accuracy.
 //! - **multiple_choice**: for each choice, the summed log-probability of the choice's tokens
-//!   after `[BOS] + prompt` (prompt and choice tokenized separately, then concatenated); the
-//!   argmax (first on ties) is the prediction. Score = accuracy.
-//! - **perplexity**: `exp(−Σ log p / N)` pooled over all tokens of all texts (each text after an
-//!   optional BOS; without BOS the first token is not predicted). Score = `1 / perplexity`, the
-//!   geometric-mean probability of a token, which lies in (0, 1] like an accuracy, so tasks of
-//!   all three kinds can be averaged.
+//!   after the context (context and choice tokenized separately, then concatenated).
+//!   `<task>/acc`: the argmax (first on ties) is the prediction; `<task>/acc_norm`: the argmax
+//!   of the log-probability divided by the choice's length in characters (lm-evaluation-harness's
+//!   `acc_norm`). `<task>/multiple_choice` is the one `mc_score` selects (default `acc`).
+//! - **perplexity**: every token of each text is predicted, the first one from `[BOS]` (or
+//!   `[EOS]` when the tokenizer adds no BOS, as lm-evaluation-harness's rolling
+//!   log-likelihood does). With `Σ log p` pooled over the split's texts, `N` their tokens and
+//!   `B` their UTF-8 bytes: `<task>/nll = −Σ log p / N` (nats per token),
+//!   `<task>/perplexity = exp(nll)`, `<task>/bits_per_byte = −Σ log p / (B ln 2)`.
 //!
-//! Metrics: `<task>/<metric>` (accuracy in [0, 1], or the perplexity) and `<task>/score` (the
-//! task's contribution). The primary value is the weighted mean of task scores.
+//! Every task also reports `<task>/score`, its contribution to the fitness, a number in [0, 1]
+//! that rises as the model improves: the accuracy, or for perplexity the task's
+//! `score_transform` — `byte_probability` (default) = `2^(−bits_per_byte)`, the geometric-mean
+//! probability of a byte of text, or `token_probability` = `1 / perplexity`. (For the toy char
+//! vocabulary, one token per byte, the two are equal.) The primary value is the weighted mean
+//! of the task scores.
 //!
-//! Batching: sequences are sorted by length, cut into batches of `batch_size`, right-padded and
-//! run with rayon over batches (in the caller's pool, so a search that caps concurrent
-//! evaluations also caps this). Right padding is exact without an attention mask because the
-//! model is causal: a position never sees the padding after it. Generation re-runs the full
-//! forward each step (the forward returns every position; there is no KV cache), dropping
-//! finished sequences from the batch. Examples are tokenized once, when the evaluator is made.
+//! # Limits
+//!
+//! Examples are tokenized once, when the evaluator is made. With [`LmConfig::max_length`] set,
+//! an example that needs more positions than that (context + `max_new_tokens`; context +
+//! longest choice; the text and its first-token context) is an error before anything runs,
+//! naming the task, the file and line, and the length. A text too long to fit even at
+//! [`MAX_BYTES_PER_TOKEN`] bytes per token is refused before it is tokenized.
+//!
+//! # Batching
+//!
+//! Sequences are sorted by length, cut into batches of `batch_size` (the task's `batch_size`,
+//! else the evaluator's), right-padded and run with rayon over batches (in the caller's pool, so
+//! a search that caps concurrent evaluations also caps this). Right padding is exact without an
+//! attention mask because the model is causal: a position never sees the padding after it.
 
 use std::sync::Arc;
 
@@ -43,15 +74,19 @@ use candle_core::{DType, Device};
 use crate::candidate::Candidate;
 use crate::error::{Error, Result};
 use crate::eval::runner::Runner;
-use crate::eval::tasks::{Example, Metric, Task};
+use crate::eval::tasks::{Example, McScore, Metric, ScoreTransform, Task};
 use crate::eval::{EvalError, Evaluator, Score, Split};
 use crate::model::CausalLm;
-use crate::tokenizer::TextTokenizer;
+use crate::tokenizer::{ChatMessage, TextTokenizer};
 
 /// Builds a runnable model for a candidate on a device. The default is [`crate::model::build`];
 /// tests plug in doubles such as [`crate::eval::double::bigram_builder`].
 pub type ModelBuilder =
     Arc<dyn Fn(&Candidate, &Device, DType) -> Result<Box<dyn CausalLm>> + Send + Sync>;
+
+/// A text longer than `max_length × MAX_BYTES_PER_TOKEN` bytes cannot fit in `max_length`
+/// tokens with any real vocabulary, so it is refused without tokenizing it.
+pub const MAX_BYTES_PER_TOKEN: usize = 1024;
 
 /// Options of the LM evaluator.
 #[derive(Clone, Debug)]
@@ -60,10 +95,11 @@ pub struct LmConfig {
     pub device: Device,
     /// The compute dtype of the forward (`f32`, `bf16`, `f16`). Default `f32`.
     pub dtype: DType,
-    /// Sequences per forward call. Default 32.
+    /// Sequences per forward call, for tasks that set no `batch_size`. Default 32.
     pub batch_size: usize,
-    /// The longest sequence (prompt + generated tokens) any example may need; `None` means no
-    /// limit beyond the model's own.
+    /// The longest sequence (context + generated tokens, context + choice, text) any example
+    /// may need; longer ones are refused when the evaluator is made. `None` means no limit
+    /// beyond the model's own.
     pub max_length: Option<usize>,
 }
 
@@ -88,10 +124,14 @@ enum Encoded {
     Choice {
         prompt: Vec<u32>,
         choices: Vec<Vec<u32>>,
+        /// Each choice's length in characters (for `acc_norm`).
+        chars: Vec<usize>,
         answer: usize,
     },
+    /// `ids[0]` is the context (BOS or EOS); every later token is predicted.
     Text {
         ids: Vec<u32>,
+        bytes: usize,
     },
 }
 
@@ -108,7 +148,14 @@ impl Encoded {
                 .max()
                 .unwrap_or(0)
                 .max(m(prompt)),
-            Encoded::Text { ids } => m(ids),
+            Encoded::Text { ids, .. } => m(ids),
+        }
+    }
+
+    fn context(&self) -> &[u32] {
+        match self {
+            Encoded::Generation { prompt, .. } | Encoded::Choice { prompt, .. } => prompt,
+            Encoded::Text { ids, .. } => &ids[..1],
         }
     }
 }
@@ -129,9 +176,11 @@ pub struct LmEvaluator {
 }
 
 impl LmEvaluator {
-    /// An evaluator for `tasks` with models built by [`crate::model::build`]. Tokenizes every
-    /// example now. Fails when there are no tasks, task names repeat, the weights sum to zero,
-    /// or an example cannot be tokenized (the message names the task, split and example).
+    /// An evaluator for `tasks` with models built by [`crate::model::build`]. Renders and
+    /// tokenizes every example now. Fails when there are no tasks, task names repeat, the
+    /// weights sum to zero, a task asks for a chat template the tokenizer lacks, or an example
+    /// cannot be tokenized or is longer than `config.max_length` (the message names the task
+    /// and the example's file and line).
     pub fn try_new(
         tasks: Vec<Task>,
         tokenizer: Arc<dyn TextTokenizer>,
@@ -157,10 +206,21 @@ impl LmEvaluator {
         if config.batch_size == 0 {
             return Err(Error::Eval("batch_size must be at least 1".into()));
         }
+        if config.max_length == Some(0) {
+            return Err(Error::Eval("max_length must be at least 1".into()));
+        }
         let mut encoded = Vec::with_capacity(tasks.len());
         for task in tasks {
-            let dev = encode_split(&task, Split::Dev, tokenizer.as_ref())?;
-            let test = encode_split(&task, Split::Test, tokenizer.as_ref())?;
+            if task.spec.chat_template && tokenizer.chat_template().is_none() {
+                return Err(Error::Eval(format!(
+                    "task `{}` sets chat_template = true but the model's tokenizer has no chat \
+                     template (no chat_template in tokenizer_config.json or \
+                     chat_template.jinja)",
+                    task.spec.name
+                )));
+            }
+            let dev = encode_split(&task, Split::Dev, tokenizer.as_ref(), config.max_length)?;
+            let test = encode_split(&task, Split::Test, tokenizer.as_ref(), config.max_length)?;
             encoded.push(EncodedTask { task, dev, test });
         }
         let max_id = encoded
@@ -196,17 +256,30 @@ impl LmEvaluator {
         self.tasks.iter().map(|t| t.task.metric_key()).collect()
     }
 
-    fn runner<'a>(&'a self, model: &'a dyn CausalLm) -> Runner<'a> {
+    /// The token ids of the context of example `index` of `split` in task `task`, as scored
+    /// (BOS, shots or chat template included; a text's is its one-token context). For
+    /// inspecting what the model sees.
+    pub fn context_ids(&self, task: &str, split: Split, index: usize) -> Option<&[u32]> {
+        let et = self.tasks.iter().find(|t| t.task.spec.name == task)?;
+        let examples = match split {
+            Split::Dev => &et.dev,
+            Split::Test => &et.test,
+        };
+        examples.get(index).map(Encoded::context)
+    }
+
+    fn runner<'a>(&'a self, model: &'a dyn CausalLm, batch_size: Option<usize>) -> Runner<'a> {
         Runner {
             model,
             device: &self.config.device,
-            batch_size: self.config.batch_size,
+            batch_size: batch_size.unwrap_or(self.config.batch_size),
         }
     }
 
-    /// Greedy generation with this evaluator's tokenizer and batching: each output is cut at
-    /// `stop` (unless empty) and ends at EOS or after `max_new_tokens`. For inspecting what a
-    /// model answers.
+    /// Greedy generation with this evaluator's tokenizer and batching: each prompt is encoded
+    /// like a context (BOS only when the tokenizer adds one), each output is cut at `stop`
+    /// (unless empty) and ends at EOS or after `max_new_tokens`. For inspecting what a model
+    /// answers.
     pub fn generate(
         &self,
         model: &dyn CausalLm,
@@ -215,24 +288,18 @@ impl LmEvaluator {
         stop: &str,
     ) -> Result<Vec<String>, EvalError> {
         let tok = self.tokenizer.as_ref();
-        let mut encoded = Vec::with_capacity(prompts.len());
-        for p in prompts {
-            let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();
-            ids.extend(tok.encode(p)?);
-            if ids.is_empty() {
-                return Err(EvalError::Candidate(
-                    "empty prompt and the tokenizer has no BOS".into(),
-                ));
-            }
-            encoded.push(ids);
-        }
+        let encoded = prompts
+            .iter()
+            .map(|p| encode_context(p, true, tok))
+            .collect::<Result<Vec<_>>>()?;
         let rows: Vec<&[u32]> = encoded.iter().map(Vec::as_slice).collect();
-        self.runner(model)
+        self.runner(model, None)
             .generate(&rows, max_new_tokens, stop, tok)
     }
 
-    /// Σ log p(continuation | [BOS] + context) for each `(context, continuation)` pair (both
-    /// tokenized separately), batched like the multiple-choice metric.
+    /// Σ log p(continuation | context) for each `(context, continuation)` pair: the context
+    /// encoded like an example's (BOS only when the tokenizer adds one; `[EOS]` when empty),
+    /// the continuation tokenized separately, batched like the multiple-choice metric.
     pub fn log_likelihood(
         &self,
         model: &dyn CausalLm,
@@ -241,18 +308,12 @@ impl LmEvaluator {
         let tok = self.tokenizer.as_ref();
         let mut seqs = Vec::with_capacity(pairs.len());
         for (context, continuation) in pairs {
-            let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();
-            ids.extend(tok.encode(context)?);
+            let mut ids = encode_context(context, true, tok)?;
             let start = ids.len();
-            if start == 0 {
-                return Err(EvalError::Candidate(
-                    "empty context and the tokenizer has no BOS".into(),
-                ));
-            }
             ids.extend(tok.encode(continuation)?);
             seqs.push((ids, start));
         }
-        self.runner(model)
+        self.runner(model, None)
             .log_likelihoods(&seqs)
             .map_err(candidate_err)
     }
@@ -266,36 +327,54 @@ impl LmEvaluator {
                 self.max_id
             )));
         }
-        let run = self.runner(model);
         let mut metrics = std::collections::BTreeMap::new();
         let mut weighted = 0.0;
         let mut total_weight = 0.0;
         for et in &self.tasks {
-            let spec = &et.task.spec;
+            let task = &et.task;
+            let spec = &task.spec;
+            let run = self.runner(model, spec.batch_size);
             let examples = match split {
                 Split::Dev => &et.dev,
                 Split::Test => &et.test,
             };
-            let (value, score) = match spec.metric {
+            let name = &spec.name;
+            let mut values: Vec<(String, f64)> = Vec::new();
+            let score = match spec.metric {
                 Metric::ExactMatch => {
-                    let acc = self.exact_match(&run, examples, spec)?;
-                    (acc, acc)
+                    let acc = self.exact_match(&run, examples, task)?;
+                    values.push((task.metric_key(), acc));
+                    acc
                 }
                 Metric::MultipleChoice => {
-                    let acc = choice_accuracy(&run, examples).map_err(candidate_err)?;
-                    (acc, acc)
+                    let (acc, acc_norm) = choice_accuracy(&run, examples).map_err(candidate_err)?;
+                    let main = match spec.mc_score {
+                        McScore::Acc => acc,
+                        McScore::AccNorm => acc_norm,
+                    };
+                    values.push((task.metric_key(), main));
+                    values.push((format!("{name}/acc"), acc));
+                    values.push((format!("{name}/acc_norm"), acc_norm));
+                    main
                 }
                 Metric::Perplexity => {
-                    let ppl = perplexity(&run, examples).map_err(candidate_err)?;
-                    (ppl, 1.0 / ppl)
+                    let ll = log_likelihood_totals(&run, examples).map_err(candidate_err)?;
+                    values.push((task.metric_key(), ll.nll().exp()));
+                    values.push((format!("{name}/nll"), ll.nll()));
+                    values.push((format!("{name}/bits_per_byte"), ll.bits_per_byte()));
+                    match spec.score_transform {
+                        ScoreTransform::ByteProbability => (ll.sum / ll.bytes.max(1) as f64).exp(),
+                        ScoreTransform::TokenProbability => (-ll.nll()).exp(),
+                    }
                 }
             };
-            let key = et.task.metric_key();
-            if !value.is_finite() || !score.is_finite() {
-                return Err(EvalError::NotFinite { metric: key, value });
+            values.push((format!("{name}/score"), score));
+            for (key, value) in values {
+                if !value.is_finite() {
+                    return Err(EvalError::NotFinite { metric: key, value });
+                }
+                metrics.insert(key, value);
             }
-            metrics.insert(key, value);
-            metrics.insert(format!("{}/score", spec.name), score);
             weighted += spec.weight * score;
             total_weight += spec.weight;
         }
@@ -313,7 +392,7 @@ impl LmEvaluator {
         &self,
         run: &Runner<'_>,
         examples: &[Encoded],
-        spec: &crate::eval::tasks::TaskSpec,
+        task: &Task,
     ) -> Result<f64, EvalError> {
         let mut prompts = Vec::with_capacity(examples.len());
         let mut targets = Vec::with_capacity(examples.len());
@@ -325,14 +404,14 @@ impl LmEvaluator {
         }
         let outputs = run.generate(
             &prompts,
-            spec.max_new_tokens,
-            &spec.stop,
+            task.spec.max_new_tokens,
+            &task.spec.stop,
             self.tokenizer.as_ref(),
         )?;
         let correct = outputs
             .iter()
             .zip(&targets)
-            .filter(|(o, t)| o.trim() == t.trim())
+            .filter(|(o, t)| task.is_correct(o, t))
             .count();
         Ok(correct as f64 / targets.len().max(1) as f64)
     }
@@ -354,32 +433,117 @@ fn candidate_err(e: Error) -> EvalError {
     EvalError::Candidate(e.to_string())
 }
 
-fn encode_split(task: &Task, split: Split, tok: &dyn TextTokenizer) -> Result<Vec<Encoded>> {
-    let bos = tok.bos_id();
-    let with_bos = |text: &str| -> Result<Vec<u32>> {
-        let mut ids: Vec<u32> = bos.into_iter().collect();
-        ids.extend(tok.encode(text)?);
-        Ok(ids)
-    };
-    let name = &task.spec.name;
-    let split_name = split.name();
+/// The context text of `prompt` in `task` — shots and prompt joined by the task's
+/// `fewshot_separator`, or, with `chat_template`, the model's chat template rendered with the
+/// shots as user / assistant turns, the prompt as the last user message and the generation
+/// prompt — and whether the tokenizer's BOS goes before it (not for chat: the template writes
+/// its own).
+pub fn render_prompt(task: &Task, prompt: &str, tok: &dyn TextTokenizer) -> Result<(String, bool)> {
+    let spec = &task.spec;
+    if spec.chat_template {
+        let template = tok.chat_template().ok_or_else(|| {
+            Error::Eval(format!(
+                "task `{}` sets chat_template = true but the tokenizer has no chat template",
+                spec.name
+            ))
+        })?;
+        let mut messages = Vec::with_capacity(2 * task.shots.len() + 1);
+        for shot in &task.shots {
+            messages.push(ChatMessage::user(&shot.prompt));
+            messages.push(ChatMessage::assistant(&shot.target));
+        }
+        messages.push(ChatMessage::user(prompt));
+        return Ok((template.render(&messages, true)?, false));
+    }
+    if task.shots.is_empty() {
+        return Ok((prompt.to_string(), true));
+    }
+    let sep = &spec.fewshot_separator;
+    let mut text = String::new();
+    for shot in &task.shots {
+        text.push_str(&shot.prompt);
+        text.push_str(&shot.target);
+        text.push_str(sep);
+    }
+    text.push_str(prompt);
+    Ok((text, true))
+}
+
+/// `[BOS] + ids(text)` when `add_bos` and the tokenizer adds a BOS, else `ids(text)`; `[EOS]`
+/// when that is empty.
+fn encode_context(text: &str, add_bos: bool, tok: &dyn TextTokenizer) -> Result<Vec<u32>> {
+    let mut ids: Vec<u32> = tok.bos_id().filter(|_| add_bos).into_iter().collect();
+    ids.extend(tok.encode(text)?);
+    if ids.is_empty() {
+        match tok.eos_id() {
+            Some(eos) => ids.push(eos),
+            None => {
+                return Err(Error::Eval(
+                    "empty context and the tokenizer has neither BOS nor EOS".into(),
+                ));
+            }
+        }
+    }
+    Ok(ids)
+}
+
+fn encode_split(
+    task: &Task,
+    split: Split,
+    tok: &dyn TextTokenizer,
+    max_length: Option<usize>,
+) -> Result<Vec<Encoded>> {
+    let spec = &task.spec;
+    let name = &spec.name;
     let fail = |i: usize, msg: String| {
-        Error::Eval(format!(
-            "task `{name}`, {split_name} example {}: {msg}",
-            i + 1
-        ))
+        Error::Eval(format!("task `{name}`, {}: {msg}", task.location(split, i)))
+    };
+    // Refuse a text that cannot fit before tokenizing it.
+    let check_bytes = |i: usize, what: &str, bytes: usize| -> Result<()> {
+        match max_length {
+            Some(m) if bytes > m.saturating_mul(MAX_BYTES_PER_TOKEN) => Err(fail(
+                i,
+                format!(
+                    "the {what} is {bytes} bytes, too long for max_length {m} (at most {} \
+                     bytes are tokenized)",
+                    m.saturating_mul(MAX_BYTES_PER_TOKEN)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    };
+    let check_len = |i: usize, len: usize, detail: String| -> Result<()> {
+        match max_length {
+            Some(m) if len > m => Err(fail(
+                i,
+                format!("needs {len} tokens ({detail}), more than max_length {m}"),
+            )),
+            _ => Ok(()),
+        }
+    };
+    let context = |i: usize, prompt: &str| -> Result<Vec<u32>> {
+        let (text, add_bos) =
+            render_prompt(task, prompt, tok).map_err(|e| fail(i, e.to_string()))?;
+        check_bytes(i, "prompt", text.len())?;
+        encode_context(&text, add_bos, tok).map_err(|e| fail(i, e.to_string()))
     };
     task.examples(split)
         .iter()
         .enumerate()
         .map(|(i, e)| -> Result<Encoded> {
-            let enc = |text: &str| with_bos(text).map_err(|e| fail(i, e.to_string()));
             Ok(match e {
                 Example::Generation { prompt, target } => {
-                    let prompt = enc(prompt)?;
-                    if prompt.is_empty() {
-                        return Err(fail(i, "empty prompt and the tokenizer has no BOS".into()));
-                    }
+                    let prompt = context(i, prompt)?;
+                    let need = prompt.len().saturating_add(spec.max_new_tokens);
+                    check_len(
+                        i,
+                        need,
+                        format!(
+                            "{} context + {} max_new_tokens",
+                            prompt.len(),
+                            spec.max_new_tokens
+                        ),
+                    )?;
                     Encoded::Generation {
                         prompt,
                         target: target.clone(),
@@ -390,13 +554,12 @@ fn encode_split(task: &Task, split: Split, tok: &dyn TextTokenizer) -> Result<Ve
                     choices,
                     answer,
                 } => {
-                    let prompt = enc(prompt)?;
-                    if prompt.is_empty() {
-                        return Err(fail(i, "empty prompt and the tokenizer has no BOS".into()));
-                    }
+                    let prompt = context(i, prompt)?;
+                    let chars = choices.iter().map(|c| c.chars().count()).collect();
                     let choices = choices
                         .iter()
                         .map(|c| {
+                            check_bytes(i, "choice", c.len())?;
                             let ids = tok.encode(c).map_err(|e| fail(i, e.to_string()))?;
                             if ids.is_empty() {
                                 return Err(fail(i, format!("choice {c:?} has no tokens")));
@@ -404,32 +567,50 @@ fn encode_split(task: &Task, split: Split, tok: &dyn TextTokenizer) -> Result<Ve
                             Ok(ids)
                         })
                         .collect::<Result<Vec<_>>>()?;
+                    let longest = choices.iter().map(Vec::len).max().unwrap_or(0);
+                    check_len(
+                        i,
+                        prompt.len() + longest,
+                        format!("{} context + {longest} longest choice", prompt.len()),
+                    )?;
                     Encoded::Choice {
                         prompt,
+                        chars,
                         choices,
                         answer: *answer,
                     }
                 }
                 Example::Text { text } => {
-                    let ids = enc(text)?;
-                    if ids.len() < 2 {
-                        return Err(fail(
+                    check_bytes(i, "text", text.len())?;
+                    let start = tok.bos_id().or(tok.eos_id()).ok_or_else(|| {
+                        fail(
                             i,
-                            "text needs at least one token to predict (two with no BOS)".into(),
-                        ));
+                            "perplexity needs a BOS or EOS token to predict the first token \
+                             from"
+                                .into(),
+                        )
+                    })?;
+                    let mut ids = vec![start];
+                    ids.extend(tok.encode(text).map_err(|e| fail(i, e.to_string()))?);
+                    if ids.len() < 2 {
+                        return Err(fail(i, "text has no tokens".into()));
                     }
-                    Encoded::Text { ids }
+                    check_len(i, ids.len(), format!("1 context + {} text", ids.len() - 1))?;
+                    Encoded::Text {
+                        ids,
+                        bytes: text.len(),
+                    }
                 }
             })
         })
         .collect()
 }
 
-/// Multiple-choice accuracy: argmax of summed choice log-likelihood (first on ties).
-fn choice_accuracy(run: &Runner<'_>, examples: &[Encoded]) -> Result<f64> {
+/// Multiple-choice accuracies `(acc, acc_norm)`: the argmax (first on ties) of the summed
+/// choice log-likelihood, and of it divided by the choice's character length.
+fn choice_accuracy(run: &Runner<'_>, examples: &[Encoded]) -> Result<(f64, f64)> {
     let mut seqs = Vec::new();
-    let mut owner = Vec::new();
-    for (i, e) in examples.iter().enumerate() {
+    for e in examples {
         if let Encoded::Choice {
             prompt, choices, ..
         } = e
@@ -438,44 +619,77 @@ fn choice_accuracy(run: &Runner<'_>, examples: &[Encoded]) -> Result<f64> {
                 let mut s = prompt.clone();
                 s.extend(c);
                 seqs.push((s, prompt.len()));
-                owner.push(i);
             }
         }
     }
     let ll = run.log_likelihoods(&seqs)?;
-    let mut best: Vec<Option<(usize, f64)>> = vec![None; examples.len()];
-    let mut choice_index = vec![0usize; examples.len()];
-    for (&i, &l) in owner.iter().zip(&ll) {
-        let c = choice_index[i];
-        choice_index[i] += 1;
-        let l = if l.is_nan() { f64::NEG_INFINITY } else { l };
-        if best[i].is_none_or(|(_, b)| l > b) {
-            best[i] = Some((c, l));
+    let argmax = |scores: &mut dyn Iterator<Item = f64>| {
+        let mut best: Option<(usize, f64)> = None;
+        for (c, l) in scores.enumerate() {
+            let l = if l.is_nan() { f64::NEG_INFINITY } else { l };
+            if best.is_none_or(|(_, b)| l > b) {
+                best = Some((c, l));
+            }
         }
-    }
-    let mut correct = 0usize;
-    let mut n = 0usize;
-    for (e, b) in examples.iter().zip(&best) {
-        if let (Encoded::Choice { answer, .. }, Some((pick, _))) = (e, b) {
+        best.map(|(c, _)| c)
+    };
+    let (mut acc, mut acc_norm, mut n) = (0usize, 0usize, 0usize);
+    let mut offset = 0;
+    for e in examples {
+        if let Encoded::Choice {
+            choices,
+            chars,
+            answer,
+            ..
+        } = e
+        {
+            let lls = &ll[offset..offset + choices.len()];
+            offset += choices.len();
             n += 1;
-            correct += usize::from(pick == answer);
+            acc += usize::from(argmax(&mut lls.iter().copied()) == Some(*answer));
+            let mut normed = lls
+                .iter()
+                .zip(chars)
+                .map(|(&l, &len)| l / len.max(1) as f64);
+            acc_norm += usize::from(argmax(&mut normed) == Some(*answer));
         }
     }
-    Ok(correct as f64 / n.max(1) as f64)
+    let n = n.max(1) as f64;
+    Ok((acc as f64 / n, acc_norm as f64 / n))
 }
 
-/// Corpus perplexity `exp(−Σ log p / N)`.
-fn perplexity(run: &Runner<'_>, examples: &[Encoded]) -> Result<f64> {
-    let seqs: Vec<(Vec<u32>, usize)> = examples
-        .iter()
-        .filter_map(|e| match e {
-            Encoded::Text { ids } => Some((ids.clone(), 1)),
-            _ => None,
-        })
-        .collect();
+/// Pooled log-likelihood of a split's texts.
+struct LogLikelihood {
+    /// Σ log p (nats, ≤ 0).
+    sum: f64,
+    tokens: usize,
+    bytes: usize,
+}
+
+impl LogLikelihood {
+    /// Mean negative log-likelihood per token (nats).
+    fn nll(&self) -> f64 {
+        -self.sum / self.tokens.max(1) as f64
+    }
+
+    fn bits_per_byte(&self) -> f64 {
+        -self.sum / (self.bytes.max(1) as f64 * std::f64::consts::LN_2)
+    }
+}
+
+/// Σ log p of every text token after its one-token context.
+fn log_likelihood_totals(run: &Runner<'_>, examples: &[Encoded]) -> Result<LogLikelihood> {
+    let mut seqs = Vec::new();
+    let mut bytes = 0;
+    for e in examples {
+        if let Encoded::Text { ids, bytes: b } = e {
+            seqs.push((ids.clone(), 1));
+            bytes += b;
+        }
+    }
     let tokens: usize = seqs.iter().map(|(s, start)| s.len() - start).sum();
-    let ll: f64 = run.log_likelihoods(&seqs)?.iter().sum();
-    Ok((-ll / tokens.max(1) as f64).exp())
+    let sum: f64 = run.log_likelihoods(&seqs)?.iter().sum();
+    Ok(LogLikelihood { sum, tokens, bytes })
 }
 
 #[cfg(test)]
@@ -621,14 +835,25 @@ mod tests {
         let chain = candidate(BigramLm::mem_model(5, chain_table()));
         let s = eval.evaluate(&chain, Split::Dev).unwrap();
         // Chain model: p(successor) = e^5 / (e^5 + 4) for a→b, b→c, c→\n; c→a is 1/(e^5+4).
-        // "abc\n" predicts 3 successors, "ca" one non-successor.
+        // The vocabulary has no BOS, so each text's first token is predicted from EOS (row
+        // EOS is uniform: 1/5). "abc\n" predicts a then 3 successors, "ca" c then one
+        // non-successor: 6 tokens, 6 bytes.
         let hi = (5f64.exp() / (5f64.exp() + 4.0)).ln();
         let lo = (1.0 / (5f64.exp() + 4.0)).ln();
-        let want = (-(3.0 * hi + lo) / 4.0).exp();
+        let sum = 2.0 * 0.2f64.ln() + 3.0 * hi + lo;
+        let want = (-sum / 6.0).exp();
         assert!(
             (s.metrics["text/perplexity"] - want).abs() < 1e-4 * want,
             "{s:?}"
         );
+        assert!((s.metrics["text/nll"] - -sum / 6.0).abs() < 1e-5, "{s:?}");
+        let bpb = -sum / (6.0 * std::f64::consts::LN_2);
+        assert!(
+            (s.metrics["text/bits_per_byte"] - bpb).abs() < 1e-5,
+            "{s:?}"
+        );
+        // One token per byte: byte_probability = 2^(−bpb) = 1 / perplexity.
+        assert!((s.metrics["text/score"] - 1.0 / want).abs() < 1e-5, "{s:?}");
         assert!((s.primary - (1.0 / want + 3.0) / 4.0).abs() < 1e-4);
     }
 
@@ -678,5 +903,343 @@ mod tests {
         .unwrap()
         .to_string();
         assert!(e.contains("twice"), "{e}");
+    }
+
+    fn eval_with(tasks: Vec<Task>, tok: Arc<dyn TextTokenizer>, cfg: LmConfig) -> LmEvaluator {
+        LmEvaluator::try_new(tasks, tok, cfg)
+            .unwrap()
+            .with_builder(bigram_builder())
+    }
+
+    #[test]
+    fn fewshot_prefix_is_shared_and_scored() {
+        let mut spec = TaskSpec::new("chain", "-", Metric::ExactMatch);
+        spec.fewshot = 1;
+        spec.fewshot_separator = "\n".into();
+        let train = [ex("c", "\n"), ex("a", "bc")];
+        let task = Task::from_examples_with_train(
+            spec,
+            &train[1..],
+            vec![ex("a", "bc"), ex("b", "c")],
+            vec![ex("b", "c")],
+        )
+        .unwrap();
+        let tok = vocab();
+        // CharVocab adds no BOS: the context is "abc" + "\n" + prompt.
+        assert_eq!(
+            render_prompt(&task, "b", &tok).unwrap(),
+            ("abc\nb".to_string(), true)
+        );
+        let eval = eval_with(vec![task], Arc::new(vocab()), LmConfig::default());
+        let want = |p: &str| tok.encode(&format!("abc\n{p}")).unwrap();
+        assert_eq!(eval.context_ids("chain", Split::Dev, 0).unwrap(), want("a"));
+        assert_eq!(eval.context_ids("chain", Split::Dev, 1).unwrap(), want("b"));
+        assert_eq!(
+            eval.context_ids("chain", Split::Test, 0).unwrap(),
+            want("b")
+        );
+        let c = candidate(BigramLm::mem_model(5, chain_table()));
+        assert_eq!(eval.evaluate(&c, Split::Dev).unwrap().primary, 1.0);
+    }
+
+    #[test]
+    fn acc_norm_divides_by_choice_length() {
+        // Vocabulary [EOS, a, b, c, \n]. After a: p(b) = 0.3, p(c) = 0.5; after c: p(c) = 0.5.
+        // "b": ln 0.3 ≈ −1.20 beats "cc": ln 0.25 ≈ −1.39 summed; per character "cc" wins
+        // (−0.69).
+        let v = 5;
+        let mut t = vec![0.0f32; v * v];
+        let row = |t: &mut Vec<f32>, r: usize, p: [f32; 5]| {
+            for (j, x) in p.iter().enumerate() {
+                t[r * v + j] = x.ln();
+            }
+        };
+        let o = 0.2 / 3.0;
+        row(&mut t, 1, [o, o, 0.3, 0.5, o]);
+        row(&mut t, 3, [0.125, 0.125, 0.125, 0.5, 0.125]);
+        let choice = Example::Choice {
+            prompt: "a".into(),
+            choices: vec!["b".into(), "cc".into()],
+            answer: 1,
+        };
+        let make = |mc_score| {
+            let mut spec = TaskSpec::new("mc", "-", Metric::MultipleChoice);
+            spec.mc_score = mc_score;
+            let task =
+                Task::from_examples(spec, vec![choice.clone()], vec![choice.clone()]).unwrap();
+            eval_with(vec![task], Arc::new(vocab()), LmConfig::default())
+        };
+        let c = candidate(BigramLm::mem_model(5, t));
+        let s = make(McScore::Acc).evaluate(&c, Split::Dev).unwrap();
+        assert_eq!((s.metrics["mc/acc"], s.metrics["mc/acc_norm"]), (0.0, 1.0));
+        assert_eq!(s.metrics["mc/multiple_choice"], 0.0);
+        assert_eq!(s.primary, 0.0);
+        let s = make(McScore::AccNorm).evaluate(&c, Split::Dev).unwrap();
+        assert_eq!(s.metrics["mc/multiple_choice"], 1.0);
+        assert_eq!(s.metrics["mc/score"], 1.0);
+        assert_eq!(s.primary, 1.0);
+    }
+
+    #[test]
+    fn answer_regex_extracts_from_the_generation() {
+        // The chain model answers "bc" to "a"; the regex keeps the last of b / c.
+        let mut spec = TaskSpec::new("chain", "-", Metric::ExactMatch);
+        let examples = vec![ex("a", "c"), ex("a", "bc")];
+        let plain = Task::from_examples(spec.clone(), examples.clone(), examples.clone()).unwrap();
+        spec.name = "re".into();
+        spec.answer_regex = Some("[bc]".into());
+        spec.answer_group_select = Some(-1);
+        let re = Task::from_examples(spec, examples.clone(), examples).unwrap();
+        let eval = eval_with(vec![plain, re], Arc::new(vocab()), LmConfig::default());
+        let s = eval
+            .evaluate(
+                &candidate(BigramLm::mem_model(5, chain_table())),
+                Split::Dev,
+            )
+            .unwrap();
+        assert_eq!(s.metrics["chain/exact_match"], 0.5);
+        assert_eq!(s.metrics["re/exact_match"], 0.5);
+        assert_eq!(s.primary, 0.5);
+    }
+
+    /// A bigram model that records the largest batch it was given.
+    struct Recording {
+        inner: BigramLm,
+        max_batch: std::sync::atomic::AtomicUsize,
+    }
+
+    impl CausalLm for Recording {
+        fn vocab_size(&self) -> usize {
+            self.inner.vocab_size()
+        }
+
+        fn forward(&self, input_ids: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+            self.max_batch
+                .fetch_max(input_ids.dim(0)?, std::sync::atomic::Ordering::SeqCst);
+            self.inner.forward(input_ids)
+        }
+    }
+
+    #[test]
+    fn task_batch_size_overrides_the_evaluators() {
+        let texts: Vec<Example> = ["ab", "bc", "ca", "abc"]
+            .iter()
+            .map(|t| Example::Text {
+                text: t.to_string(),
+            })
+            .collect();
+        let mut small = TaskSpec::new("small", "-", Metric::Perplexity);
+        small.batch_size = Some(1);
+        let task = Task::from_examples(small, texts.clone(), texts.clone()).unwrap();
+        let big = Task::from_examples(
+            TaskSpec::new("big", "-", Metric::Perplexity),
+            texts.clone(),
+            texts,
+        )
+        .unwrap();
+        let model = |table| Recording {
+            inner: BigramLm::from_mem(&BigramLm::mem_model(5, table), &Device::Cpu).unwrap(),
+            max_batch: 0.into(),
+        };
+        let only_small = eval_with(vec![task.clone()], Arc::new(vocab()), LmConfig::default());
+        let m = model(chain_table());
+        let s1 = only_small.score_model(&m, Split::Dev).unwrap();
+        assert_eq!(m.max_batch.into_inner(), 1);
+        let both = eval_with(vec![task, big], Arc::new(vocab()), LmConfig::default());
+        let m = model(chain_table());
+        let s = both.score_model(&m, Split::Dev).unwrap();
+        assert_eq!(m.max_batch.into_inner(), 4);
+        // Batching changes nothing in the numbers.
+        let (a, b) = (s1.metrics["small/nll"], s.metrics["big/nll"]);
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+
+    /// CharVocab with a chat template.
+    struct Chatty {
+        vocab: CharVocab,
+        template: crate::tokenizer::ChatTemplate,
+    }
+
+    impl TextTokenizer for Chatty {
+        fn encode(&self, text: &str) -> Result<Vec<u32>> {
+            self.vocab.encode(text)
+        }
+        fn decode(&self, ids: &[u32]) -> Result<String> {
+            self.vocab.decode(ids)
+        }
+        fn bos_id(&self) -> Option<u32> {
+            Some(self.vocab.id('^'))
+        }
+        fn eos_id(&self) -> Option<u32> {
+            self.vocab.eos_id()
+        }
+        fn chat_template(&self) -> Option<&crate::tokenizer::ChatTemplate> {
+            Some(&self.template)
+        }
+    }
+
+    #[test]
+    fn chat_template_renders_shots_as_turns_without_added_bos() {
+        let tok = Chatty {
+            vocab: CharVocab::new("abc\n^<>usertin"),
+            template: crate::tokenizer::ChatTemplate::new(
+                "{{ bos_token }}{% for m in messages %}<{{ m.role[0] }}>{{ m.content }}\n\
+                 {% endfor %}{% if add_generation_prompt %}<a>{% endif %}",
+            )
+            .with_variable("bos_token", "^"),
+        };
+        let mut spec = TaskSpec::new("chat", "-", Metric::MultipleChoice);
+        spec.chat_template = true;
+        spec.fewshot = 1;
+        let choice = |p: &str, a| Example::Choice {
+            prompt: p.into(),
+            choices: vec!["b".into(), "c".into()],
+            answer: a,
+        };
+        let task = Task::from_examples_with_train(
+            spec.clone(),
+            &[choice("c", 0)],
+            vec![choice("a", 0)],
+            vec![choice("b", 1)],
+        )
+        .unwrap();
+        let (text, add_bos) = render_prompt(&task, "a", &tok).unwrap();
+        assert_eq!(text, "^<u>c\n<a>b\n<u>a\n<a>");
+        assert!(!add_bos);
+        let eval = LmEvaluator::try_new(vec![task], Arc::new(tok), LmConfig::default()).unwrap();
+        let ids = eval.context_ids("chat", Split::Dev, 0).unwrap();
+        let vocab = CharVocab::new("abc\n^<>usertin");
+        // The template's own "^" is the only BOS.
+        assert_eq!(ids, vocab.encode("^<u>c\n<a>b\n<u>a\n<a>").unwrap());
+
+        // A task that asks for chat with a tokenizer that has no template.
+        spec.fewshot = 0;
+        let plain = Task::from_examples(spec, vec![choice("a", 0)], vec![choice("a", 0)]);
+        let e = LmEvaluator::try_new(vec![plain.unwrap()], Arc::new(vocab), LmConfig::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("task `chat`") && e.contains("no chat template"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_context_without_bos_is_eos() {
+        // CharVocab has no BOS; EOS is id 0.
+        let choice = Example::Choice {
+            prompt: String::new(),
+            choices: vec!["a".into(), "b".into()],
+            answer: 0,
+        };
+        let task = Task::from_examples(
+            TaskSpec::new("mc", "-", Metric::MultipleChoice),
+            vec![choice.clone()],
+            vec![choice],
+        )
+        .unwrap();
+        let eval = eval_with(vec![task], Arc::new(vocab()), LmConfig::default());
+        assert_eq!(eval.context_ids("mc", Split::Dev, 0).unwrap(), [0]);
+        // The uniform row EOS: both choices score ln 1/5.
+        let model =
+            BigramLm::from_mem(&BigramLm::mem_model(5, vec![0.0; 25]), &Device::Cpu).unwrap();
+        let ll = eval.log_likelihood(&model, &[("", "ab")]).unwrap();
+        assert!((ll[0] - 2.0 * 0.2f64.ln()).abs() < 1e-5, "{ll:?}");
+    }
+
+    #[test]
+    fn examples_longer_than_max_length_fail_before_evaluation() {
+        let cfg = LmConfig {
+            max_length: Some(4),
+            ..LmConfig::default()
+        };
+        let mut spec = TaskSpec::new("gen", "-", Metric::ExactMatch);
+        spec.max_new_tokens = 2;
+        let ok = Task::from_examples(spec.clone(), vec![ex("ab", "c")], vec![ex("ab", "c")]);
+        assert!(LmEvaluator::try_new(vec![ok.unwrap()], Arc::new(vocab()), cfg.clone()).is_ok());
+        let long = Task::from_examples(
+            spec,
+            vec![ex("ab", "c"), ex("abc", "c")],
+            vec![ex("ab", "c")],
+        );
+        let e = LmEvaluator::try_new(vec![long.unwrap()], Arc::new(vocab()), cfg.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(
+                "task `gen`, dev example 2: needs 5 tokens (3 context + 2 max_new_tokens), \
+                 more than max_length 4"
+            ),
+            "{e}"
+        );
+        let choice = Example::Choice {
+            prompt: "ab".into(),
+            choices: vec!["a".into(), "abc".into()],
+            answer: 0,
+        };
+        let mc = Task::from_examples(
+            TaskSpec::new("mc", "-", Metric::MultipleChoice),
+            vec![choice.clone()],
+            vec![choice],
+        );
+        let e = LmEvaluator::try_new(vec![mc.unwrap()], Arc::new(vocab()), cfg.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("needs 5 tokens (2 context + 3 longest choice)"),
+            "{e}"
+        );
+        let text = vec![Example::Text {
+            text: "abcc".into(),
+        }];
+        let ppl = Task::from_examples(
+            TaskSpec::new("ppl", "-", Metric::Perplexity),
+            text.clone(),
+            text,
+        );
+        let e = LmEvaluator::try_new(vec![ppl.unwrap()], Arc::new(vocab()), cfg.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("needs 5 tokens (1 context + 4 text)"), "{e}");
+
+        // A 50 MB prompt is refused by its size, before it is tokenized.
+        let huge = "a".repeat(50 << 20);
+        let task = Task::from_examples(
+            TaskSpec::new("huge", "-", Metric::ExactMatch),
+            vec![ex(&huge, "b")],
+            vec![ex("a", "b")],
+        );
+        let e = LmEvaluator::try_new(vec![task.unwrap()], Arc::new(vocab()), cfg)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("task `huge`, dev example 1: the prompt is 52428800 bytes, too long for max_length 4"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn token_probability_score_is_inverse_perplexity() {
+        let mut spec = TaskSpec::new("text", "-", Metric::Perplexity);
+        spec.score_transform = ScoreTransform::TokenProbability;
+        let texts = vec![Example::Text {
+            text: "abca".into(),
+        }];
+        let task = Task::from_examples(spec, texts.clone(), texts).unwrap();
+        let eval = eval_with(vec![task], Arc::new(vocab()), LmConfig::default());
+        let s = eval
+            .evaluate(
+                &candidate(BigramLm::mem_model(5, chain_table())),
+                Split::Dev,
+            )
+            .unwrap();
+        let ppl = s.metrics["text/perplexity"];
+        assert!((s.metrics["text/score"] - 1.0 / ppl).abs() < 1e-9, "{s:?}");
+        assert!((s.metrics["text/nll"] - ppl.ln()).abs() < 1e-9, "{s:?}");
     }
 }

@@ -140,7 +140,7 @@ impl Runner<'_> {
     ) -> Result<Vec<String>, EvalError> {
         let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
         let batches = self.batches(&lens);
-        let eos = tok.eos_id();
+        let eos = tok.eos_ids();
         let results = batches
             .par_iter()
             .map(|batch| -> Result<Vec<(usize, String)>, EvalError> {
@@ -148,7 +148,7 @@ impl Runner<'_> {
                     new: vec![Vec::new(); batch.len()],
                     texts: vec![String::new(); batch.len()],
                     done: vec![max_new_tokens == 0; batch.len()],
-                    eos,
+                    eos: &eos,
                     stop,
                     tok,
                 };
@@ -267,7 +267,8 @@ struct Generation<'t> {
     /// Decoded outputs, cut at the stop string.
     texts: Vec<String>,
     done: Vec<bool>,
-    eos: Option<u32>,
+    /// Ids that end a row (the tokenizer's EOS ids).
+    eos: &'t [u32],
     stop: &'t str,
     tok: &'t dyn TextTokenizer,
 }
@@ -276,7 +277,7 @@ impl Generation<'_> {
     /// Row `r` generated `token`: EOS ends it; otherwise the token is kept and the text
     /// re-decoded, ending the row when the stop string appears (the output is cut there).
     fn push(&mut self, r: usize, token: u32) -> Result<(), EvalError> {
-        if Some(token) == self.eos {
+        if self.eos.contains(&token) {
             self.done[r] = true;
             return Ok(());
         }

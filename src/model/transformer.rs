@@ -14,7 +14,7 @@
 //! # use evomerge::model::transformer::Transformer;
 //! # fn demo(mem: &evomerge::candidate::MemModel) -> evomerge::Result<()> {
 //! let dev = candle_core::Device::Cpu;
-//! let model = Transformer::from_mem(mem, &dev), candle_core::DType::F32)?;
+//! let model = Transformer::from_mem(mem, &dev, candle_core::DType::F32)?;
 //! let ids = candle_core::Tensor::new(&[[1u32, 5, 7]], &dev)?;
 //! let logits = model.logits(&ids)?; // [1, 3, vocab]
 //! # Ok(()) }
