@@ -63,9 +63,17 @@
 //! # Batching
 //!
 //! Sequences are sorted by length, cut into batches of `batch_size` (the task's `batch_size`,
-//! else the evaluator's), right-padded and run with rayon over batches (in the caller's pool, so
-//! a search that caps concurrent evaluations also caps this). Right padding is exact without an
-//! attention mask because the model is causal: a position never sees the padding after it.
+//! else the evaluator's) and run with rayon over batches (in the caller's pool, so a search that
+//! caps concurrent evaluations also caps this); see [`crate::eval::runner`].
+//!
+//! - **Log-likelihoods** (multiple choice, perplexity): right-padded (exact without a mask: the
+//!   model is causal, so no position sees the padding after it); the LM head and log-softmax run
+//!   only on the positions that predict a scored token, 256 at a time, so full-vocabulary logits
+//!   of every position never exist.
+//! - **Generation**: each batch is prefilled once and decoded one token per step with a KV cache
+//!   (left padding with a mask, RoPE positions that skip the padding, a batch's shared prefix —
+//!   few-shot shots, a chat system prompt — prefilled once; [`crate::model::decode`]); finished
+//!   rows leave the batch. Greedy outputs equal those of re-running the whole sequence.
 
 use std::sync::Arc;
 
