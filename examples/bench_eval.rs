@@ -50,17 +50,15 @@ fn args() -> anyhow::Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        let mut v = || it.next().ok_or_else(|| anyhow::anyhow!("{k} needs a value"));
+        let mut v = || {
+            it.next()
+                .ok_or_else(|| anyhow::anyhow!("{k} needs a value"))
+        };
         match k.as_str() {
             "--model" => a.model = v()?.into(),
             "--python" => a.python = Some(v()?.into()),
             "--no-python" => a.python = None,
-            "--lengths" => {
-                a.lengths = v()?
-                    .split(',')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()?
-            }
+            "--lengths" => a.lengths = v()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             other => anyhow::bail!(
                 "unknown argument {other} (--model DIR, --python PATH, --no-python, \
                  --lengths 16,64,128)"
@@ -89,12 +87,28 @@ impl TextTokenizer for NoEos {
 }
 
 const NAMES: &[&str] = &[
-    "Anna", "Marco", "the teacher", "a farmer", "my neighbour", "the old captain", "Li Wei",
-    "the committee", "our doctor", "a young painter",
+    "Anna",
+    "Marco",
+    "the teacher",
+    "a farmer",
+    "my neighbour",
+    "the old captain",
+    "Li Wei",
+    "the committee",
+    "our doctor",
+    "a young painter",
 ];
 const VERBS: &[&str] = &[
-    "carried", "found", "painted", "sold", "repaired", "described", "borrowed", "measured",
-    "planted", "forgot",
+    "carried",
+    "found",
+    "painted",
+    "sold",
+    "repaired",
+    "described",
+    "borrowed",
+    "measured",
+    "planted",
+    "forgot",
 ];
 const ADJS: &[&str] = &[
     "small", "heavy", "bright", "ancient", "wooden", "quiet", "broken", "famous", "green",
@@ -105,8 +119,14 @@ const NOUNS: &[&str] = &[
     "library", "engine",
 ];
 const PLACES: &[&str] = &[
-    "near the harbour", "before dawn", "in the north", "after the storm", "across the valley",
-    "during the festival", "behind the school", "on Tuesday",
+    "near the harbour",
+    "before dawn",
+    "in the north",
+    "after the storm",
+    "across the valley",
+    "during the festival",
+    "behind the school",
+    "on Tuesday",
 ];
 
 fn sentence(rng: &mut StdRng) -> String {
@@ -199,17 +219,16 @@ fn main() -> anyhow::Result<()> {
         ..LmConfig::default()
     };
     let task = |name: &str, metric, examples: Vec<Example>| {
-        Task::from_examples(
-            TaskSpec::new(name, "-", metric),
-            examples.clone(),
-            examples,
-        )
+        Task::from_examples(TaskSpec::new(name, "-", metric), examples.clone(), examples)
     };
     let ppl_eval = LmEvaluator::try_new(
         vec![task(
             "ppl",
             Metric::Perplexity,
-            texts.iter().map(|t| Example::Text { text: t.clone() }).collect(),
+            texts
+                .iter()
+                .map(|t| Example::Text { text: t.clone() })
+                .collect(),
         )?],
         tok.clone(),
         cfg.clone(),
@@ -294,10 +313,7 @@ fn main() -> anyhow::Result<()> {
     }
     let th_rss = theirs.as_ref().and_then(|t| t["peak_rss_mb"].as_f64());
     match th_rss {
-        Some(th) => println!(
-            "| peak RSS | {rss:.0} MB | {th:.0} MB | {:.2}× |",
-            rss / th
-        ),
+        Some(th) => println!("| peak RSS | {rss:.0} MB | {th:.0} MB | {:.2}× |", rss / th),
         None => println!("| peak RSS | {rss:.0} MB | — | — |"),
     }
     if let Some(th) = &theirs {
@@ -309,7 +325,10 @@ fn main() -> anyhow::Result<()> {
             .zip(th["first_outputs"].as_array().into_iter().flatten())
         {
             let same = theirs.as_str() == Some(ours.as_str());
-            println!("first prompt, {n} tokens: outputs {}", if same { "identical" } else { "DIFFER" });
+            println!(
+                "first prompt, {n} tokens: outputs {}",
+                if same { "identical" } else { "DIFFER" }
+            );
             if !same {
                 println!("  ours:   {ours:?}\n  theirs: {theirs}");
             }
@@ -337,6 +356,6 @@ fn run_python(py: &Path, work: &Path, model: &Path) -> anyhow::Result<Value> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text.lines().last().unwrap_or("");
-    Ok(serde_json::from_str(last)
-        .map_err(|e| anyhow::anyhow!("transformers script output {last:?}: {e}"))?)
+    serde_json::from_str(last)
+        .map_err(|e| anyhow::anyhow!("transformers script output {last:?}: {e}"))
 }

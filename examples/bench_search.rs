@@ -99,6 +99,9 @@ fn synthetic(out: &std::path::Path) -> evomerge::Result<RunSummary> {
         evaluator: EvaluatorDef::Lm {
             tasks: Vec::new(),
             batch_size: None,
+            device: None,
+            dtype: None,
+            max_length: None,
             fitness_split: Split::Dev,
         },
         optimizer: OptimizerDef {
@@ -128,6 +131,7 @@ fn synthetic(out: &std::path::Path) -> evomerge::Result<RunSummary> {
             report: false,
             plots: true,
             stop_after_evals: None,
+            device: None,
         },
     )
 }
@@ -157,6 +161,7 @@ fn main() -> anyhow::Result<()> {
                 report: false,
                 plots: false,
                 stop_after_evals: None,
+                device: None,
             };
             let search = Search::prepare(&def, &opts)?;
             (format!("{path} (1 slot)"), search.run(&out, &opts)?)

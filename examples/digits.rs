@@ -166,12 +166,13 @@ fn task_arithmetic(base: &MemModel, models: &[&MemModel], lambdas: &[Vec<f64>]) 
             .nth(1)
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let mut data = b.data.clone();
+        let mut data = b.to_f32_vec();
+        let bv = b.values();
         for (m, lam) in models.iter().zip(lambdas) {
             let l = lam[layer.min(lam.len() - 1)] as f32;
             for (d, (x, y)) in data
                 .iter_mut()
-                .zip(m.tensors[name].data.iter().zip(&b.data))
+                .zip(m.tensors[name].values().iter().zip(bv.iter()))
             {
                 *d += l * (x - y);
             }

@@ -282,7 +282,7 @@ fn save(dir: &Path, config: &serde_json::Value, tensors: &TensorMap, card: &str)
         .collect();
     let writer = ModelWriter::create(dir, &infos, &WriteConfig::default())?;
     for (name, t) in tensors {
-        writer.write(name, &t.data)?;
+        writer.write(name, &t.values())?;
     }
     writer.finish(config, None, card)?;
     Ok(())

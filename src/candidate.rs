@@ -1,21 +1,56 @@
 //! A candidate model to be scored: merged tensors held in memory, a data-flow route through the
 //! layers of several in-memory models, or a model directory on disk. Candidates built by the
-//! search never pass through a file.
+//! search never pass through a file, and stay in their storage dtype (bf16 inputs make a bf16
+//! candidate); the model casts each tensor to its compute dtype when it is built.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::error::Result;
 use crate::tensor::TensorBuf;
 
 /// Tensors by their Hugging Face names.
 pub type TensorMap = BTreeMap<String, TensorBuf>;
 
-/// A model held in memory: its config.json and its tensors (in `f32`).
+/// A model held in memory: its config.json and its tensors, each in its storage dtype (a merge
+/// of bf16 checkpoints is held in bf16, the plan's output dtype; see [`TensorBuf`]).
 #[derive(Clone, Debug)]
 pub struct MemModel {
     pub config: serde_json::Value,
     pub tensors: TensorMap,
+}
+
+impl MemModel {
+    /// Read a model directory into memory, every tensor in its stored dtype (a bf16 checkpoint
+    /// takes its file size, not twice that). Reads a chunk at a time with positioned reads, so
+    /// the file's pages are not counted in our RSS.
+    pub fn read_dir(dir: &Path) -> Result<MemModel> {
+        const CHUNK: usize = 1 << 16;
+        let model = crate::store::Model::open(dir)?;
+        let mut tensors = TensorMap::new();
+        let mut buf = Vec::new();
+        for info in model.tensors() {
+            let n = info.numel();
+            let mut t = TensorBuf::zeros(info.shape.clone(), info.dtype);
+            for start in (0..n).step_by(CHUNK) {
+                let len = CHUNK.min(n - start);
+                buf.resize(len, 0f32);
+                model.read_range_into(&info.name, start, &mut buf)?;
+                t.write_range(start, &buf);
+            }
+            tensors.insert(info.name.clone(), t);
+        }
+        Ok(MemModel {
+            config: model.config().clone(),
+            tensors,
+        })
+    }
+
+    /// Bytes its tensors take in memory.
+    pub fn nbytes(&self) -> usize {
+        self.tensors.values().map(TensorBuf::nbytes).sum()
+    }
 }
 
 /// One hop of a data-flow route: run layer `layer` of source model `model`, after multiplying the

@@ -5,6 +5,7 @@
 pub mod align;
 pub mod arch;
 pub mod candidate;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod merge;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use evomerge::device::DeviceSpec;
 use evomerge::merge::executor::{MergeOptions, merge_to_disk};
 use evomerge::recipe::Recipe;
 use evomerge::store::ModelSet;
@@ -61,6 +62,10 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Run the LM evaluator here instead of the definition's `[evaluator] device`: cpu, cuda
+        /// (every GPU, slot i on GPU i mod n) or cuda:N.
+        #[arg(long)]
+        device: Option<DeviceSpec>,
     },
     /// Continue a killed search from its output directory; reaches the same result as an
     /// uninterrupted run.
@@ -69,6 +74,9 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Override the saved `[evaluator] device` (cpu, cuda, cuda:N); recorded in search.toml.
+        #[arg(long)]
+        device: Option<DeviceSpec>,
     },
     /// Print a finished search's report (sources, default merge, evolved recipe on the test split).
     Report { out_dir: PathBuf },
@@ -80,6 +88,18 @@ enum Command {
     Inspect {
         /// A Hugging Face model directory.
         model_dir: PathBuf,
+    },
+    /// Convert a llama.cpp GGUF checkpoint (llama / qwen2, byte-level BPE tokenizer, any
+    /// quantization, dequantized) into a Hugging Face model directory: safetensors, config.json,
+    /// tokenizer.json, tokenizer_config.json.
+    ImportGguf {
+        /// The .gguf file.
+        file: PathBuf,
+        /// Output directory (must not exist).
+        out_dir: PathBuf,
+        /// Dtype of the written tensors.
+        #[arg(long, default_value = "bf16")]
+        dtype: DType,
     },
     /// Git Re-Basin weight matching (Ainsworth et al. 2023): permute OTHER's hidden units to
     /// match REF and write the (functionally identical) permuted model to OUT.
@@ -111,9 +131,10 @@ enum Command {
         /// average's dev score strictly improves.
         #[arg(long, value_name = "TASKS.toml")]
         greedy: Option<PathBuf>,
+        /// How `--greedy` runs the models.
+        #[command(flatten)]
+        lm: LmArgs,
     },
-    /// Score model directories and merge recipes (built in memory) on held-out tasks; prints a
-    /// Markdown table per task and split.
     /// Compute a causal LM's diagonal Fisher on task examples and write MODEL/fisher.safetensors
     /// (what `merge_method: fisher` reads).
     Fisher {
@@ -131,7 +152,12 @@ enum Command {
         /// Rescale the Fisher to mean 1 over all entries (see `merge::fisher::normalize_fisher`).
         #[arg(long)]
         normalize: bool,
+        /// Where the forward and backward run: cpu, cuda (the first GPU) or cuda:N (in f32).
+        #[arg(long, default_value = "cpu")]
+        device: DeviceSpec,
     },
+    /// Score model directories and merge recipes (built in memory, in the inputs' dtype) on
+    /// held-out tasks; prints a Markdown table per task and split.
     Eval {
         /// A TOML file with `[[tasks]]` entries (name, path, metric, weight, max_new_tokens,
         /// stop, limit); paths relative to the file.
@@ -146,27 +172,63 @@ enum Command {
         /// Only this split (dev or test); default both.
         #[arg(long)]
         split: Option<String>,
+        #[command(flatten)]
+        lm: LmArgs,
     },
+}
+
+/// How the LM evaluator runs a model (`eval`, `soup --greedy`).
+#[derive(clap::Args, Clone, Debug)]
+struct LmArgs {
+    /// Where the forward runs: cpu, cuda (the first GPU) or cuda:N. GPUs need a build with
+    /// `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// Compute dtype of the forward: f32, bf16 or f16 (weights are cast as the model is built).
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
+    /// Sequences per forward call (tasks may set their own).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Longest sequence an example may need; longer ones are an error before anything runs.
+    /// Default: the model's config.json `max_position_embeddings`.
+    #[arg(long)]
+    max_length: Option<usize>,
 }
 
 fn is_recipe(path: &std::path::Path) -> bool {
     path.extension().is_some_and(|e| e == "yml" || e == "yaml")
 }
 
-/// The LM evaluator for a `--tasks` file, with the tokenizer of the model in `tokenizer_dir`.
+/// The LM evaluator for a `--tasks` file, with the tokenizer (and the default `max_length`) of
+/// the model in `model_dir`.
 fn lm_evaluator(
     tasks: &std::path::Path,
-    tokenizer_dir: &std::path::Path,
+    model_dir: &std::path::Path,
+    args: &LmArgs,
 ) -> anyhow::Result<evomerge::eval::lm::LmEvaluator> {
     use evomerge::eval::lm::{LmConfig, LmEvaluator};
 
     let loaded = evomerge::eval::tasks::load_task_file(tasks)?;
-    let tokenizer = evomerge::tokenizer::load_tokenizer(tokenizer_dir)?;
+    let tokenizer = evomerge::tokenizer::load_tokenizer(model_dir)?;
+    let config = LmConfig {
+        device: open_device(&args.device)?,
+        dtype: args.dtype.into(),
+        batch_size: args.batch_size,
+        max_length: args
+            .max_length
+            .or_else(|| evomerge::search::run::model_max_length(model_dir)),
+    };
     Ok(LmEvaluator::try_new(
         loaded,
         std::sync::Arc::from(tokenizer),
-        LmConfig::default(),
+        config,
     )?)
+}
+
+/// The first device of a `--device` spec, the error naming the flag.
+fn open_device(spec: &DeviceSpec) -> anyhow::Result<candle_core::Device> {
+    spec.open().with_context(|| format!("--device {spec}"))
 }
 
 /// `evomerge fisher`: the model's diagonal Fisher over task examples, beside the model.
@@ -176,6 +238,7 @@ fn fisher_command(
     split: &str,
     max_examples: usize,
     normalize: bool,
+    device: &DeviceSpec,
 ) -> anyhow::Result<()> {
     use evomerge::merge::fisher::{
         FISHER_FILE, lm_examples, lm_fisher, normalize_fisher, save_fisher,
@@ -195,18 +258,10 @@ fn fisher_command(
                 .with_context(|| format!("task `{}`", task.spec.name))?,
         );
     }
-    let disk = evomerge::store::Model::open(model_dir)?;
-    let tensors = disk
-        .tensors()
-        .iter()
-        .map(|info| Ok((info.name.clone(), disk.read(&info.name)?)))
-        .collect::<evomerge::Result<evomerge::candidate::TensorMap>>()?;
-    let model = evomerge::candidate::MemModel {
-        config: disk.config().clone(),
-        tensors,
-    };
+    let device = open_device(device)?;
+    let model = evomerge::candidate::MemModel::read_dir(model_dir)?;
     let start = std::time::Instant::now();
-    let mut fisher = lm_fisher(&model, &examples)?;
+    let mut fisher = lm_fisher(&model, &examples, &device)?;
     if normalize {
         normalize_fisher(&mut fisher);
     }
@@ -226,6 +281,7 @@ fn eval_command(
     models: &[PathBuf],
     seed: u64,
     split: Option<&str>,
+    lm: &LmArgs,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
 
@@ -272,7 +328,7 @@ fn eval_command(
         }
     }
     let tokenizer_dir = tokenizer_dir.context("no model directory to take the tokenizer from")?;
-    let evaluator = lm_evaluator(tasks, &tokenizer_dir)?;
+    let evaluator = lm_evaluator(tasks, &tokenizer_dir, lm)?;
     let splits = match split {
         None => vec![Split::Dev, Split::Test],
         Some("dev") => vec![Split::Dev],
@@ -458,14 +514,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             models,
             seed,
             split,
-        } => eval_command(&tasks, &models, seed, split.as_deref())?,
+            lm,
+        } => eval_command(&tasks, &models, seed, split.as_deref(), &lm)?,
         Command::Fisher {
             model,
             tasks,
             split,
             max_examples,
             normalize,
-        } => fisher_command(&model, &tasks, &split, max_examples, normalize)?,
+            device,
+        } => fisher_command(&model, &tasks, &split, max_examples, normalize, &device)?,
         Command::Align {
             reference,
             other,
@@ -489,12 +547,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             mut models,
             out_dtype,
             greedy,
+            lm,
         } => {
             if let Some(tasks) = greedy {
-                let evaluator = lm_evaluator(&tasks, &models[0])?;
+                let evaluator = lm_evaluator(&tasks, &models[0], &lm)?;
                 let loaded = models
                     .iter()
-                    .map(|m| evomerge::align::load_dir(m))
+                    .map(|m| evomerge::candidate::MemModel::read_dir(m))
                     .collect::<evomerge::Result<Vec<_>>>()?;
                 let refs: Vec<_> = loaded.iter().collect();
                 let soup = evomerge::merge::soup::greedy_soup(&refs, &evaluator)?;
@@ -531,20 +590,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 written.display()
             );
         }
-        Command::Search { search, out, quiet } => {
+        Command::Search {
+            search,
+            out,
+            quiet,
+            device,
+        } => {
             let def = evomerge::search::def::SearchDef::load(&search)?;
             let out_dir = out.unwrap_or_else(|| def.output_dir());
             let options = evomerge::search::run::RunOptions {
                 progress: !quiet,
+                device,
                 ..Default::default()
             };
             let summary = evomerge::search::run::run_search(&def, &out_dir, &options)
                 .with_context(|| format!("search {}", search.display()))?;
             print_summary(&out_dir, &summary)?;
         }
-        Command::Resume { out_dir, quiet } => {
+        Command::Resume {
+            out_dir,
+            quiet,
+            device,
+        } => {
             let options = evomerge::search::run::RunOptions {
                 progress: !quiet,
+                device,
                 ..Default::default()
             };
             let summary = evomerge::search::run::resume_with(&out_dir, &options)
@@ -558,6 +628,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Methods => print!("{}", methods_table()),
+        Command::ImportGguf {
+            file,
+            out_dir,
+            dtype,
+        } => {
+            let config = evomerge::store::gguf::ImportConfig { dtype };
+            let s = evomerge::store::gguf::import_gguf(&file, &out_dir, &config)?;
+            eprintln!(
+                "imported {} tensors of a {} model ({:?}), {} tokens; wrote {}",
+                s.tensors,
+                s.arch,
+                s.ggml_types,
+                s.vocab,
+                s.dir.display()
+            );
+        }
         Command::Inspect { model_dir } => {
             let summary = evomerge::store::inspect(&model_dir)?;
             let text = summary.to_string();
@@ -570,15 +656,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    // Parallelism comes from evaluation slots, batches and the merge executor's rayon pool;
-    // candle's own per-op thread pool spins, which on a small machine made forward passes an
-    // order of magnitude slower. One candle thread per caller unless the user says otherwise.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: set before any other thread exists.
+/// Size candle's elementwise worker pool for the command. candle's CPU backend parallelises in
+/// two ways: matmuls (gemm) split over the caller's rayon pool — the threads our batches, slots
+/// and merges run on — while `CANDLE_NUM_THREADS` sizes a separate pool of spinning workers that
+/// large elementwise ops (≥ 64K elements) hand their work to, one caller at a time. Scoring one
+/// model at a time (`eval`, `fisher`, `soup --greedy`, a one-slot search) keeps candle's default
+/// (the core count): long sequences ran 8 % faster with it, short ones the same. Concurrent
+/// evaluations (`slots ≥ 2`) get 1: their threads already fill the cores, and the extra spinning
+/// workers and that pool's one-caller lock only slow them (a toy search on a loaded 2-core
+/// machine: 11.3 s with 1, 18.7 s with 2). A `CANDLE_NUM_THREADS` already set is kept.
+fn size_candle_pool(command: &Command) {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_some() {
+        return;
+    }
+    let slots = match command {
+        Command::Search { search, .. } => evomerge::search::def::SearchDef::load(search)
+            .ok()
+            .map(|d| d.parallelism.slots),
+        Command::Resume { out_dir, .. } => evomerge::search::run::load_saved_def(out_dir)
+            .ok()
+            .map(|d| d.parallelism.slots),
+        _ => None,
+    };
+    if slots.is_some_and(|s| s >= 2) {
+        // SAFETY: called from `main` before any other thread exists (parsing the arguments and
+        // reading a TOML file start none).
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    size_candle_pool(&cli.command);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -364,9 +364,9 @@ mod tests {
     fn fine_tunes_are_base_plus_a_sparse_large_delta() {
         let fam = mem_family(&LlamaSpec::tiny(), 2, 7);
         let name = "model.layers.0.mlp.up_proj.weight";
-        let base = &fam[0].tensors[name].data;
-        let ft1 = &fam[1].tensors[name].data;
-        let ft2 = &fam[2].tensors[name].data;
+        let base = &fam[0].tensors[name].to_f32_vec();
+        let ft1 = &fam[1].tensors[name].to_f32_vec();
+        let ft2 = &fam[2].tensors[name].to_f32_vec();
         let a = (3.0f32 / 16.0).sqrt();
         assert!(base.iter().all(|v| v.abs() <= a));
         let d1: Vec<f32> = ft1.iter().zip(base).map(|(f, b)| f - b).collect();
@@ -379,11 +379,11 @@ mod tests {
         assert_ne!(ft1, ft2);
         // Deterministic.
         assert_eq!(
-            mem_family(&LlamaSpec::tiny(), 2, 7)[2].tensors[name].data,
+            mem_family(&LlamaSpec::tiny(), 2, 7)[2].tensors[name].to_f32_vec(),
             *ft2
         );
         assert_ne!(
-            mem_family(&LlamaSpec::tiny(), 2, 8)[0].tensors[name].data,
+            mem_family(&LlamaSpec::tiny(), 2, 8)[0].tensors[name].to_f32_vec(),
             *base
         );
     }

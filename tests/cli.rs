@@ -183,12 +183,16 @@ fn fisher_command_weights_the_toy_experts_better_than_the_average() {
         fisher.keys().collect::<Vec<_>>(),
         model.keys().collect::<Vec<_>>()
     );
-    assert!(fisher.values().all(|t| t.data.iter().all(|&v| v >= 0.0)));
+    assert!(
+        fisher
+            .values()
+            .all(|t| t.values().iter().all(|&v| v >= 0.0))
+    );
     let embed = &fisher["model.embed_tokens.weight"];
     let hidden = embed.shape[1];
     let row = |c: char| {
         let id = CharTokenizer.encode(&c.to_string()).unwrap()[0] as usize;
-        embed.data[id * hidden..(id + 1) * hidden]
+        embed.values()[id * hidden..(id + 1) * hidden]
             .iter()
             .map(|v| f64::from(*v))
             .sum::<f64>()
@@ -224,4 +228,60 @@ fn fisher_command_weights_the_toy_experts_better_than_the_average() {
         fisher.metrics,
         average.metrics
     );
+}
+
+/// `eval` runs on the device and in the compute dtype asked for; `cuda` in a build without the
+/// `cuda` feature is an error naming the flag and the build option.
+#[test]
+fn eval_takes_device_dtype_and_batch_flags() {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks.toml");
+    fs::write(
+        &tasks,
+        format!(
+            "[[tasks]]\nname = \"add\"\npath = \"{}\"\nmetric = \"exact_match\"\nmax_new_tokens = 4\nlimit = 8\n",
+            toy.join("tasks/add").display()
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(bin())
+            .arg("eval")
+            .arg("--tasks")
+            .arg(&tasks)
+            .arg(toy.join("add"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let f32_run = run(&["--split", "dev"]);
+    assert!(f32_run.status.success(), "{f32_run:?}");
+    let bf16 = run(&[
+        "--split",
+        "dev",
+        "--dtype",
+        "bf16",
+        "--batch-size",
+        "3",
+        "--device",
+        "cpu",
+    ]);
+    assert!(bf16.status.success(), "{bf16:?}");
+    let table = String::from_utf8_lossy(&bf16.stdout);
+    assert!(table.contains("| add "), "{table}");
+    let too_long = run(&["--max-length", "4"]);
+    assert!(!too_long.status.success());
+    let err = String::from_utf8_lossy(&too_long.stderr);
+    assert!(err.contains("max_length 4"), "{err}");
+    if cfg!(not(feature = "cuda")) {
+        let gpu = run(&["--device", "cuda:0"]);
+        assert!(!gpu.status.success());
+        let err = String::from_utf8_lossy(&gpu.stderr);
+        assert!(err.contains("--device cuda:0"), "{err}");
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+    let bad = run(&["--device", "gpu"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cpu, cuda or cuda:N"));
 }

@@ -287,7 +287,7 @@ fn toy_world_generation_is_the_same_with_and_without_the_cache() {
     };
     let eval = LmEvaluator::try_new(tasks, Arc::from(tok), cfg).unwrap();
     for expert in ["add", "cipher", "base"] {
-        let disk = evomerge::store::Model::open(&dir.join(expert)).unwrap();
+        let disk = evomerge::store::Model::open(dir.join(expert)).unwrap();
         let model = Transformer::from_source(&disk, &Device::Cpu, DType::F32).unwrap();
         let cached = eval.generate(&model, &prompts, 12, "").unwrap();
         let full = eval.generate(&NoCache(&model), &prompts, 12, "").unwrap();

@@ -280,11 +280,8 @@ fn fisher_and_regmean_beat_the_simple_average_of_experts() {
     normalize_fisher(&mut fa_n);
     let same = merge_mem(&fisher::Fisher, &[&ma, &ma], &[&fa, &fa_n], &none, &[], 0).unwrap();
     for (name, t) in &same.tensors {
-        let d = t
-            .data
-            .iter()
-            .zip(&ma.tensors[name].data)
-            .map(|(x, y)| (x - y).abs());
+        let (tv, mv) = (t.values(), ma.tensors[name].values());
+        let d = tv.iter().zip(mv.iter()).map(|(x, y)| (x - y).abs());
         assert!(d.fold(0f32, f32::max) < 1e-5, "{name}");
     }
 }
@@ -339,7 +336,8 @@ fn fisher_regmean_and_swa_recipes_match_the_in_memory_merges() {
     };
     let close = |x: &MemModel, y: &MemModel, what: &str| {
         for (name, t) in &y.tensors {
-            let d = t.data.iter().zip(&x.tensors[name].data);
+            let (tv, xv) = (t.values(), x.tensors[name].values());
+            let d = tv.iter().zip(xv.iter());
             let worst = d.map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
             assert!(worst < 1e-5, "{what}: `{name}` differs by {worst}");
         }
@@ -428,11 +426,11 @@ fn uniform_soup_of_directories_is_swa_on_disk() {
     let refs: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
     uniform_soup_dirs(&refs, &out).unwrap();
     let written = load_mem(&out).unwrap();
-    let w = &written.tensors["layers.0.bias"].data;
+    let w = written.tensors["layers.0.bias"].to_f32_vec();
     for (i, got) in w.iter().enumerate().take(3) {
         let want: f32 = models
             .iter()
-            .map(|m| m.tensors["layers.0.bias"].data[i])
+            .map(|m| m.tensors["layers.0.bias"].values()[i])
             .sum::<f32>()
             / 3.0;
         assert!((got - want).abs() < 1e-6);

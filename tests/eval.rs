@@ -267,7 +267,7 @@ fn lm_evaluator_on_the_transformer_is_batch_invariant() {
     let mut tensors = evomerge::model::train::init_weights(&cfg, 7);
     for t in tensors.values_mut() {
         if t.shape.len() == 2 {
-            t.data.iter_mut().for_each(|x| *x *= 25.0);
+            t.f32_mut().iter_mut().for_each(|x| *x *= 25.0);
         }
     }
     let candidate = merged(MemModel { config, tensors }, None);
@@ -467,7 +467,7 @@ fn scoring_a_merged_candidate_writes_nothing() {
     )
     .unwrap();
     for (name, t) in &model.tensors {
-        writer.write(name, &t.data).unwrap();
+        writer.write(name, &t.values()).unwrap();
     }
     writer.finish(&model.config, None, "").unwrap();
     let control = thread_wchar() - before;

@@ -9,6 +9,7 @@ use evomerge::merge::executor::{MergeOptions, merge_in_memory, merge_to_disk};
 use evomerge::recipe::Recipe;
 use evomerge::store::{Model, ModelSet, TensorSource};
 use evomerge::synth::{self, LlamaSpec};
+use evomerge::tensor::DType;
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
@@ -59,7 +60,7 @@ fn full_pipeline_matches_mergekit_golden_outputs() {
         for (name, shape, want) in &expected {
             let got = &merged.tensors[name];
             assert_eq!(&got.shape, shape, "{case}: {name} shape");
-            for (i, (g, w)) in got.data.iter().zip(want).enumerate() {
+            for (i, (g, w)) in got.values().iter().zip(want).enumerate() {
                 assert!(
                     (g - w).abs() <= 1e-5 * w.abs().max(1.0),
                     "{case}: {name}[{i}] = {g}, mergekit gives {w}"
@@ -103,7 +104,75 @@ fn disk_merge_equals_memory_merge_and_shards() {
     assert_eq!(disk.config()["torch_dtype"], "bfloat16");
     assert_eq!(disk.tensors().len(), mem.tensors.len());
     for (name, t) in &mem.tensors {
-        assert_eq!(&disk.read(name).unwrap().data, &t.data, "{name}");
+        assert_eq!(disk.read(name).unwrap().to_f32_vec(), *t.values(), "{name}");
+    }
+    // bf16 inputs make a bf16 candidate: the checkpoint's size in memory, not twice it
+    assert!(mem.tensors.values().all(|t| t.dtype() == DType::BF16));
+    assert_eq!(mem.nbytes() as u64, spec.parameters() * 2);
+
+    // a whole-tensor method (nuslerp) and an `out_dtype` override land in memory the same way
+    let (a, b) = (family[1].display(), family[2].display());
+    for (i, (yaml, dtype)) in [
+        (
+            format!(
+                "merge_method: nuslerp\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.7}}\n"
+            ),
+            DType::BF16,
+        ),
+        (
+            format!(
+                "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\nout_dtype: float16\n"
+            ),
+            DType::F16,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let recipe = Recipe::from_str(&yaml, None).unwrap();
+        let mem = merge_in_memory(&recipe, &mut models, 3).unwrap();
+        let out = tmp.path().join(format!("merged-{i}"));
+        merge_to_disk(&recipe, &mut models, &out, &MergeOptions::default()).unwrap();
+        let disk = Model::open(&out).unwrap();
+        assert_eq!(disk.config()["torch_dtype"], dtype.torch_name(), "{yaml}");
+        for (name, t) in &mem.tensors {
+            assert_eq!(t.dtype(), dtype, "{name}: {yaml}");
+            assert_eq!(disk.tensor_info(name).unwrap().dtype, dtype, "{name}");
+            assert_eq!(disk.read(name).unwrap().to_f32_vec(), *t.values(), "{name}");
+        }
+    }
+}
+
+/// A merged model's config.json states one dtype: `torch_dtype` and (where the base has it, as
+/// transformers ≥ 4.56 writes) `dtype` both name the output dtype, also under `--out-dtype`.
+#[test]
+fn merged_config_states_one_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = LlamaSpec::tiny();
+    spec.dtype = DType::BF16;
+    let family = synth::write_family(tmp.path(), &spec, 1, 4).unwrap();
+    let cfg_path = family[0].join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["dtype"] = "bfloat16".into();
+    fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let yaml = format!(
+        "merge_method: linear\nbase_model: {0}\nmodels:\n  - model: {0}\n    parameters: {{weight: 0.5}}\n  - model: {1}\n    parameters: {{weight: 0.5}}\ndtype: float32\n",
+        family[0].display(),
+        family[1].display()
+    );
+    let recipe = Recipe::from_str(&yaml, None).unwrap();
+    for (out_dtype, want) in [(None, "float32"), (Some(DType::F16), "float16")] {
+        let out = tmp.path().join(format!("out-{want}"));
+        let options = MergeOptions {
+            out_dtype,
+            ..MergeOptions::default()
+        };
+        merge_to_disk(&recipe, &mut ModelSet::new(), &out, &options).unwrap();
+        let disk = Model::open(&out).unwrap();
+        assert_eq!(disk.config()["torch_dtype"], want);
+        assert_eq!(disk.config()["dtype"], want);
+        assert!(disk.tensors().iter().all(|t| t.dtype.torch_name() == want));
     }
 }
 
@@ -206,7 +275,7 @@ fn streamed_disk_merges_equal_whole_tensor_merges() {
                     .unwrap()
                     .read(&src.tensor)
                     .unwrap()
-                    .data
+                    .into_f32_vec()
             };
             let base = t.base.as_ref().map(read);
             let inputs: Vec<Vec<f32>> = t.models.iter().map(read).collect();
@@ -227,10 +296,10 @@ fn streamed_disk_merges_equal_whole_tensor_merges() {
                 .iter()
                 .map(|&v| half::bf16::from_f32(v).to_f32())
                 .collect();
-            let on_disk = disk.read(&t.name).unwrap().data;
+            let on_disk = disk.read(&t.name).unwrap().into_f32_vec();
             assert!(on_disk == whole, "{method}: {} on disk", t.name);
             assert!(
-                mem.tensors[&t.name].data == whole,
+                *mem.tensors[&t.name].values() == whole,
                 "{method}: {} in memory",
                 t.name
             );
@@ -368,7 +437,8 @@ fn merge_refuses_a_missing_tensor() {
     let target = tmp.path().join("ft1-missing");
     let w = evomerge::store::ModelWriter::create(&target, &keep, &Default::default()).unwrap();
     for t in &keep {
-        w.write(&t.name, &src.read(&t.name).unwrap().data).unwrap();
+        w.write(&t.name, &src.read(&t.name).unwrap().values())
+            .unwrap();
     }
     w.finish(src.config(), None, "").unwrap();
     let models = [fam[0].clone(), target, fam[2].clone()];
@@ -407,4 +477,39 @@ fn merge_refuses_the_wrong_number_of_models() {
         fam[2].display()
     );
     assert_merge_fails(tmp.path(), &text, "slerp");
+}
+
+/// A bf16 candidate held in memory runs the same forward as its merge written to disk, in `f32`
+/// and in `bf16` compute (the weights are cast from the same stored values).
+#[test]
+fn bf16_candidate_in_memory_runs_like_its_checkpoint() {
+    use evomerge::candidate::{Candidate, CandidateBody};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = LlamaSpec::tiny();
+    spec.dtype = DType::BF16;
+    let family = synth::write_family(tmp.path(), &spec, 1, 9).unwrap();
+    let yaml = format!(
+        "merge_method: linear\nmodels:\n  - model: {}\n    parameters: {{weight: 0.5}}\n  - model: {}\n    parameters: {{weight: 0.5}}\n",
+        family[0].display(),
+        family[1].display()
+    );
+    let recipe = Recipe::from_str(&yaml, None).unwrap();
+    let mut models = ModelSet::new();
+    let mem = std::sync::Arc::new(merge_in_memory(&recipe, &mut models, 0).unwrap());
+    let out = tmp.path().join("merged");
+    merge_to_disk(&recipe, &mut models, &out, &MergeOptions::default()).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 7, 3, 30]], &dev).unwrap();
+    let logits = |body: CandidateBody, dt: DType| -> Vec<Vec<Vec<f32>>> {
+        let c = Candidate { body, recipe: None };
+        let model = evomerge::model::build(&c, &dev, dt.into()).unwrap();
+        model.forward(&ids).unwrap().to_vec3().unwrap()
+    };
+    for dt in [DType::F32, DType::BF16] {
+        let in_memory = logits(CandidateBody::Merged(mem.clone()), dt);
+        let on_disk = logits(CandidateBody::Dir(out.clone()), dt);
+        assert_eq!(in_memory, on_disk, "{dt}");
+        assert!(in_memory[0].iter().flatten().all(|v| v.is_finite()));
+    }
 }

@@ -88,7 +88,10 @@ fn llama3_rope_scaling_matches_transformers_reference() {
         body: CandidateBody::Dir(plain.path().to_path_buf()),
         recipe: None,
     };
-    let got = build(&cand, &Device::Cpu, candle_core::DType::F32).unwrap().forward(&ids).unwrap();
+    let got = build(&cand, &Device::Cpu, candle_core::DType::F32)
+        .unwrap()
+        .forward(&ids)
+        .unwrap();
     let rel = max_rel_diff(&logits_vec(&got), &logits_vec(&reference["logits"]));
     assert!(
         rel > 1e-2,
@@ -196,7 +199,10 @@ fn naive_forward(m: &MemModel, ids: &[u32]) -> Vec<f64> {
     let theta = c["rope_theta"].as_f64().unwrap();
     let w = |name: &str| -> (Vec<usize>, Vec<f64>) {
         let t = &m.tensors[name];
-        (t.shape.clone(), t.data.iter().map(|&v| v as f64).collect())
+        (
+            t.shape.clone(),
+            t.values().iter().map(|&v| v as f64).collect(),
+        )
     };
     let has = |name: &str| m.tensors.contains_key(name);
     let matvec = |name: &str, x: &[f64]| -> Vec<f64> {

@@ -130,6 +130,9 @@ fn def(space: SpaceDef, slots: usize, generations: usize) -> SearchDef {
         evaluator: EvaluatorDef::Lm {
             tasks: Vec::new(),
             batch_size: None,
+            device: None,
+            dtype: None,
+            max_length: None,
             fitness_split: Split::Dev,
         },
         optimizer: OptimizerDef {
@@ -185,6 +188,7 @@ fn quiet() -> RunOptions {
         report: true,
         plots: false,
         stop_after_evals: None,
+        device: None,
     }
 }
 
@@ -699,4 +703,277 @@ seed = 3
     }
     let mse = eval.mse(&tensors).unwrap();
     assert!((-mse - row("evolved (PS)")).abs() < 1e-9, "{mse}");
+}
+
+/// Scores a PS candidate by the recipe (as [`Quadratic`]) and records the dtype of every tensor
+/// of every in-memory candidate it sees.
+struct DtypeProbe {
+    seen: std::sync::Mutex<std::collections::HashSet<evomerge::tensor::DType>>,
+    bytes: std::sync::Mutex<Vec<usize>>,
+}
+
+impl Evaluator for DtypeProbe {
+    fn name(&self) -> &str {
+        "dtype-probe"
+    }
+    fn evaluate(&self, c: &Candidate, _: Split) -> Result<Score, EvalError> {
+        let CandidateBody::Merged(m) = &c.body else {
+            return Err(EvalError::Candidate("not in memory".into()));
+        };
+        self.seen
+            .lock()
+            .unwrap()
+            .extend(m.tensors.values().map(|t| t.dtype()));
+        self.bytes.lock().unwrap().push(m.nbytes());
+        let vals = recipe_values(c.recipe.as_deref().unwrap());
+        Ok(Score {
+            primary: -vals.iter().map(|v| (v - 0.3) * (v - 0.3)).sum::<f64>(),
+            metrics: Default::default(),
+        })
+    }
+}
+
+/// Regression (issue 9): a search over bf16 checkpoints built f32 candidates and wrote an f32
+/// model (twice the inputs' size) whose config.json said `torch_dtype: float32` next to the
+/// base's `dtype: bfloat16`. Now candidates, the best model and its config all stay bf16.
+#[test]
+fn a_search_over_bf16_inputs_stays_bf16_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = evomerge::synth::LlamaSpec::tiny();
+    spec.dtype = evomerge::tensor::DType::BF16;
+    let fam = evomerge::synth::write_family(&dir.path().join("fam"), &spec, 2, 5).unwrap();
+    // transformers ≥ 4.56 writes `dtype` beside `torch_dtype`
+    let cfg_path = fam[0].join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["dtype"] = "bfloat16".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let toml = format!(
+        r#"
+name = "bf16"
+models = [{:?}, {:?}]
+base_model = {:?}
+method = "ties"
+output = "out"
+[space]
+kind = "ps"
+granularity = "whole"
+embeddings = false
+params = ["weight"]
+[evaluator]
+kind = "lm"
+tasks = []
+dtype = "bf16"
+[optimizer]
+population = 4
+generations = 2
+seed = 3
+"#,
+        fam[1], fam[2], fam[0]
+    );
+    let def = SearchDef::from_toml(&toml, dir.path(), &dir.path().join("bf16.toml")).unwrap();
+    let probe = Arc::new(DtypeProbe {
+        seen: Default::default(),
+        bytes: Default::default(),
+    });
+    let opts = RunOptions {
+        write_model: true,
+        report: false,
+        ..quiet()
+    };
+    let s = Search::prepare_with(&def, probe.clone(), &opts).unwrap();
+    let out = def.output_dir();
+    let sum = s.run(&out, &opts).unwrap();
+    assert_eq!(
+        sum.failures,
+        0,
+        "{:?}",
+        history::load(&out).unwrap()[0].error
+    );
+    // every candidate was held in bf16: the checkpoint's size
+    let seen = probe.seen.lock().unwrap().clone();
+    assert_eq!(seen, [evomerge::tensor::DType::BF16].into());
+    let want_bytes = spec.parameters() as usize * 2;
+    assert!(probe.bytes.lock().unwrap().iter().all(|&b| b == want_bytes));
+    // the recipe merges in f32 and stores bf16 (what mergekit reads the same way)
+    let yaml = std::fs::read_to_string(out.join("best_recipe.yaml")).unwrap();
+    assert!(yaml.contains("out_dtype: bfloat16"), "{yaml}");
+    assert!(yaml.contains("dtype: float32"), "{yaml}");
+    // the best model on disk: bf16 tensors, one dtype in config.json, the inputs' size
+    let model = evomerge::store::Model::open(out.join("model")).unwrap();
+    assert!(
+        model
+            .tensors()
+            .iter()
+            .all(|t| t.dtype == evomerge::tensor::DType::BF16)
+    );
+    assert_eq!(model.config()["torch_dtype"], "bfloat16");
+    assert_eq!(model.config()["dtype"], "bfloat16");
+    let size = |d: &Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(size(&out.join("model")) <= size(&fam[0]) + 4096);
+    // the saved definition keeps the evaluator settings
+    let saved = evomerge::search::run::load_saved_def(&out).unwrap();
+    let EvaluatorDef::Lm { dtype, .. } = &saved.evaluator else {
+        panic!()
+    };
+    assert_eq!(*dtype, Some(evomerge::tensor::DType::BF16));
+}
+
+/// The DFS pool is read in its stored dtype.
+#[test]
+fn model_directories_read_into_memory_keep_their_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = evomerge::synth::LlamaSpec::tiny();
+    spec.dtype = evomerge::tensor::DType::BF16;
+    let fam = evomerge::synth::write_family(&dir.path().join("fam"), &spec, 1, 2).unwrap();
+    let mem = MemModel::read_dir(&fam[1]).unwrap();
+    let disk = evomerge::store::Model::open(&fam[1]).unwrap();
+    assert_eq!(mem.nbytes() as u64, spec.parameters() * 2);
+    for info in disk.tensors() {
+        let t = &mem.tensors[&info.name];
+        assert_eq!(t.dtype(), evomerge::tensor::DType::BF16);
+        assert_eq!(t.shape, info.shape);
+        assert_eq!(t.to_f32_vec(), disk.read(&info.name).unwrap().to_f32_vec());
+    }
+}
+
+/// Answers with its own index, so a test can see which evaluator a slot reached.
+struct Tagged(f64);
+
+impl Evaluator for Tagged {
+    fn name(&self) -> &str {
+        "tagged"
+    }
+    fn evaluate(&self, _: &Candidate, _: Split) -> Result<Score, EvalError> {
+        Ok(Score {
+            primary: self.0,
+            metrics: Default::default(),
+        })
+    }
+}
+
+/// Slot i of the evaluation pool goes to evaluator (GPU) i mod n.
+#[test]
+fn each_slot_uses_the_evaluator_of_its_device() {
+    use evomerge::search::run::PerSlot;
+    let per_slot = PerSlot::try_new(vec![Arc::new(Tagged(0.0)), Arc::new(Tagged(1.0))]).unwrap();
+    let candidate = Candidate {
+        body: CandidateBody::Dir("unused".into()),
+        recipe: None,
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(5)
+        .build()
+        .unwrap();
+    let seen = pool.broadcast(|ctx| {
+        let score = per_slot.evaluate(&candidate, Split::Dev).unwrap();
+        (ctx.index(), score.primary)
+    });
+    assert_eq!(
+        seen,
+        [(0, 0.0), (1, 1.0), (2, 0.0), (3, 1.0), (4, 0.0)],
+        "slot → evaluator"
+    );
+    // off any pool: the first
+    assert_eq!(
+        per_slot.evaluate(&candidate, Split::Dev).unwrap().primary,
+        0.0
+    );
+    assert!(PerSlot::try_new(Vec::new()).is_err());
+}
+
+/// `[evaluator]` device / dtype / max_length: parsed, validated, and reaching the evaluator.
+#[test]
+fn evaluator_settings_parse_and_reach_the_lm_evaluator() {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
+    let text = |extra: &str| {
+        format!(
+            r#"
+name = "t"
+models = ["{toy}/add", "{toy}/cipher"]
+base_model = "{toy}/base"
+method = "ties"
+[space]
+kind = "ps"
+[evaluator]
+kind = "lm"
+tasks = [{{ name = "add", path = "{toy}/tasks/add", metric = "exact_match", max_new_tokens = 4, limit = 4 }}]
+{extra}
+[optimizer]
+generations = 1
+[parallelism]
+slots = 2
+"#,
+            toy = toy.display()
+        )
+    };
+    let d = load_str(&text(
+        "device = \"cuda:1\"\ndtype = \"bf16\"\nmax_length = 48",
+    ))
+    .unwrap();
+    let EvaluatorDef::Lm {
+        device,
+        dtype,
+        max_length,
+        ..
+    } = &d.evaluator
+    else {
+        panic!()
+    };
+    assert_eq!(*device, Some("cuda:1".parse().unwrap()));
+    assert_eq!(*dtype, Some(evomerge::tensor::DType::BF16));
+    assert_eq!(*max_length, Some(48));
+    // round trip through search.toml
+    let back: SearchDef = toml::from_str(&toml::to_string(&d).unwrap()).unwrap();
+    assert_eq!(back, d);
+
+    for (extra, needle) in [
+        ("device = \"gpu\"", "unknown device `gpu`"),
+        ("dtype = \"int8\"", "int8"),
+        ("max_length = 0", "max_length"),
+        ("batch_size = 0", "batch_size"),
+    ] {
+        let e = load_str(&text(extra)).unwrap_err().to_string();
+        assert!(e.contains(needle), "{extra}: {e}");
+    }
+
+    // max_length defaults to the base's max_position_embeddings
+    assert_eq!(
+        evomerge::search::run::model_max_length(&toy.join("base")),
+        Some(64)
+    );
+    // a CPU evaluator builds; max_length reaches it (the add prompts need more than 3 tokens)
+    let cpu = load_str(&text("dtype = \"bf16\"")).unwrap();
+    evomerge::search::run::build_evaluator(&cpu).unwrap();
+    let short = load_str(&text("max_length = 3")).unwrap();
+    let e = evomerge::search::run::build_evaluator(&short)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("max_length 3"), "{e}");
+    // `cuda` without the feature: an error naming the key and the build flag
+    #[cfg(not(feature = "cuda"))]
+    {
+        let gpu = load_str(&text("device = \"cuda\"")).unwrap();
+        let e = evomerge::search::run::build_evaluator(&gpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("[evaluator] device"), "{e}");
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+    // --device overrides an lm evaluator's device, and is refused for a command evaluator
+    let mut d = cpu.clone();
+    d.evaluator.set_device("cuda:0".parse().unwrap()).unwrap();
+    let EvaluatorDef::Lm { device, .. } = &d.evaluator else {
+        panic!()
+    };
+    assert_eq!(
+        device.as_ref().map(|d| d.to_string()).as_deref(),
+        Some("cuda:0")
+    );
 }

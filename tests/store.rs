@@ -88,9 +88,15 @@ fn round_trip_in_each_dtype_rounds_as_the_dtype_does() {
         let m = Model::open(&dir).unwrap();
         assert_eq!(m.tensors().len(), 2);
         assert_eq!(m.tensor_info("a.weight").unwrap().dtype, dtype);
-        assert_eq!(m.read("a.weight").unwrap().data, vec![1.0, -0.5, pi, 0.0]);
+        assert_eq!(
+            m.read("a.weight").unwrap().to_f32_vec(),
+            vec![1.0, -0.5, pi, 0.0]
+        );
         assert_eq!(m.read("a.weight").unwrap().shape, vec![2, 2]);
-        assert_eq!(m.read("b.bias").unwrap().data, vec![tenth, -2.5, big]);
+        assert_eq!(
+            m.read("b.bias").unwrap().to_f32_vec(),
+            vec![tenth, -2.5, big]
+        );
         assert_eq!(m.config()["model_type"], "toy");
         assert_eq!(
             listing(&dir),
@@ -485,7 +491,10 @@ fn tensors_written_in_ranges_read_back_and_must_be_complete() {
     w.write_range("b", 0, &[-1.0, -2.0]).unwrap();
     w.finish(&json!({}), None, "").unwrap();
     let m = Model::open(&target).unwrap();
-    assert_eq!(m.read("a").unwrap().data, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_eq!(
+        m.read("a").unwrap().to_f32_vec(),
+        [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    );
     let mut piece = [0.0f32; 2];
     m.read_range_into("b", 1, &mut piece).unwrap();
     assert_eq!(piece, [-2.0, -3.0]);
@@ -564,7 +573,7 @@ fn finish_copies_donor_files_and_writes_config_and_card() {
     let m = Model::open(&target).unwrap();
     assert_eq!(m.config()["num_hidden_layers"], 6);
     assert_eq!(m.config()["torch_dtype"], "float16");
-    assert_eq!(m.read("x").unwrap().data, vec![0.5]);
+    assert_eq!(m.read("x").unwrap().to_f32_vec(), vec![0.5]);
 }
 
 #[test]
@@ -598,7 +607,7 @@ fn writes_from_many_threads_land_at_their_offsets() {
     assert!(m.files().len() > 1);
     for t in &infos {
         let want: Vec<f32> = (0..t.numel()).map(|j| j as f32 + 0.5).collect();
-        assert_eq!(m.read(&t.name).unwrap().data, want, "{}", t.name);
+        assert_eq!(m.read(&t.name).unwrap().to_f32_vec(), want, "{}", t.name);
     }
 }
 
@@ -689,10 +698,10 @@ fn files_written_by_the_reference_implementation_open() {
     fs::write(dir.join("model.safetensors"), bytes).unwrap();
     fs::write(dir.join("config.json"), r#"{"model_type": "x"}"#).unwrap();
     let m = Model::open(&dir).unwrap();
-    assert_eq!(m.read("a").unwrap().data, vec![1.5, -2.0]);
-    assert_eq!(m.read("b").unwrap().data, vec![1.0, -3.0, 0.25]);
+    assert_eq!(m.read("a").unwrap().to_f32_vec(), vec![1.5, -2.0]);
+    assert_eq!(m.read("b").unwrap().to_f32_vec(), vec![1.0, -3.0, 0.25]);
     assert_eq!(m.read("b").unwrap().shape, vec![1, 3]);
-    assert_eq!(m.read("c").unwrap().data, vec![1.0]);
+    assert_eq!(m.read("c").unwrap().to_f32_vec(), vec![1.0]);
     let mut short = [0f32; 2];
     assert!(m.read_into("b", &mut short).is_err());
     assert!(matches!(

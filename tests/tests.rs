@@ -4,6 +4,7 @@ mod cli;
 mod decode;
 mod digits;
 mod eval;
+mod gguf;
 mod merge;
 mod methods;
 mod model;

@@ -226,13 +226,14 @@ pub fn permute_axis(t: &TensorBuf, axis: usize, block: usize, perm: &[usize]) ->
     let inner: usize = t.shape[axis + 1..].iter().product();
     let dim = t.shape[axis];
     let chunk = block * inner;
-    let mut data = vec![0f32; t.data.len()];
+    let values = t.values();
+    let mut data = vec![0f32; values.len()];
     for o in 0..outer {
         let base = o * dim * inner;
         for (i, &src) in perm.iter().enumerate() {
             let to = base + i * chunk;
             let from = base + src * chunk;
-            data[to..to + chunk].copy_from_slice(&t.data[from..from + chunk]);
+            data[to..to + chunk].copy_from_slice(&values[from..from + chunk]);
         }
     }
     TensorBuf::new(t.shape.clone(), data)
@@ -273,6 +274,7 @@ fn similarity(group: &PermGroup, reference: &TensorMap, other: &TensorMap) -> Ve
     let mut s = vec![0f64; n * n];
     for a in &group.axes {
         let (r, o) = (&reference[&a.tensor], &other[&a.tensor]);
+        let (rv, ov) = (r.values(), o.values());
         let outer: usize = r.shape[..a.axis].iter().product();
         let inner: usize = r.shape[a.axis + 1..].iter().product();
         let chunk = a.block * inner;
@@ -281,8 +283,8 @@ fn similarity(group: &PermGroup, reference: &TensorMap, other: &TensorMap) -> Ve
             for j in 0..n {
                 let mut acc = 0f64;
                 for k in 0..outer {
-                    let ri = &r.data[k * stride + i * chunk..k * stride + (i + 1) * chunk];
-                    let oj = &o.data[k * stride + j * chunk..k * stride + (j + 1) * chunk];
+                    let ri = &rv[k * stride + i * chunk..k * stride + (i + 1) * chunk];
+                    let oj = &ov[k * stride + j * chunk..k * stride + (j + 1) * chunk];
                     acc += ri
                         .iter()
                         .zip(oj)
@@ -309,9 +311,9 @@ fn objective(spec: &PermSpec, reference: &TensorMap, other: &TensorMap) -> f64 {
         .iter()
         .map(|n| {
             reference[*n]
-                .data
+                .values()
                 .iter()
-                .zip(&other[*n].data)
+                .zip(other[*n].values().iter())
                 .map(|(x, y)| f64::from(*x) * f64::from(*y))
                 .sum::<f64>()
         })
@@ -426,7 +428,7 @@ pub fn align_dirs(
         &crate::store::WriteConfig::default(),
     )?;
     for (name, t) in &aligned.tensors {
-        writer.write(name, &t.data)?;
+        writer.write(name, &t.values())?;
     }
     let card = format!(
         "# Aligned model\n\n`{}` with its hidden units permuted to match `{}` by Git Re-Basin \
@@ -452,9 +454,9 @@ mod tests {
         // 2 × 4, permute columns in blocks of 2 with perm [1, 0].
         let t = TensorBuf::new(vec![2, 4], vec![0., 1., 2., 3., 4., 5., 6., 7.]);
         let p = permute_axis(&t, 1, 2, &[1, 0]);
-        assert_eq!(p.data, vec![2., 3., 0., 1., 6., 7., 4., 5.]);
+        assert_eq!(p.to_f32_vec(), vec![2., 3., 0., 1., 6., 7., 4., 5.]);
         let p = permute_axis(&t, 0, 1, &[1, 0]);
-        assert_eq!(p.data, vec![4., 5., 6., 7., 0., 1., 2., 3.]);
+        assert_eq!(p.to_f32_vec(), vec![4., 5., 6., 7., 0., 1., 2., 3.]);
     }
 
     #[test]
@@ -476,8 +478,8 @@ mod tests {
         r.insert("layers.1.bias".into(), TensorBuf::new(vec![1], vec![0.]));
         let spec = PermSpec::mlp(&[2, 3, 1]);
         let other = apply(&spec, &r, &[vec![2, 0, 1]]).unwrap();
-        assert_eq!(other["layers.0.bias"].data, vec![0.3, 0.1, 0.2]);
-        assert_eq!(other["layers.1.weight"].data, vec![0.5, 1., -1.]);
+        assert_eq!(other["layers.0.bias"].to_f32_vec(), vec![0.3, 0.1, 0.2]);
+        assert_eq!(other["layers.1.weight"].to_f32_vec(), vec![0.5, 1., -1.]);
         let m = weight_matching(&spec, &r, &other, &MatchConfig::default()).unwrap();
         // Unit 0 of the reference is unit 1 of `other`, and so on.
         assert_eq!(m.perms, vec![vec![1, 2, 0]]);

@@ -207,7 +207,7 @@ impl CommandEvaluator {
             },
         )?;
         for (name, t) in &model.tensors {
-            writer.write(name, &t.data)?;
+            writer.write(name, &t.values())?;
         }
         let mut config = model.config.clone();
         if let Some(obj) = config.as_object_mut() {

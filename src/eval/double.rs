@@ -57,9 +57,9 @@ impl TargetDistance {
                 )));
             }
             sum += got
-                .data
+                .values()
                 .iter()
-                .zip(&want.data)
+                .zip(want.values().iter())
                 .map(|(a, b)| {
                     let d = f64::from(*a) - f64::from(*b);
                     d * d

@@ -1,6 +1,7 @@
 //! Plan → execute: a recipe becomes a [`Plan`] (a list of output tensors with resolved inputs and
 //! parameters, see [`crate::merge::plan`]); execution merges them in parallel (rayon) into a
-//! [`Sink`] — the shard writer on disk, or a map in memory for search candidates.
+//! [`Sink`] — the shard writer on disk, or a map in memory for search candidates (each tensor
+//! stored in the plan's output dtype, so a bf16 merge is held in bf16).
 //!
 //! Memory stays flat. A method that streams ([`crate::merge::MergeMethod::stream`]) merges a
 //! tensor chunk by chunk: each chunk of its inputs is read (positioned reads) just before it is
@@ -99,35 +100,73 @@ impl Sink for ModelWriter {
     }
 }
 
-/// Collects merged tensors in memory, rounded through the output dtype so a candidate scores
-/// exactly as the model written to disk would.
+/// Collects merged tensors in memory, each stored in the output dtype (so a candidate scores
+/// exactly as the model written to disk would, and a bf16 merge takes bf16 memory). Streamed
+/// merges hand over chunks, rounded into the tensor's buffer as they arrive: no `f32` copy of a
+/// tensor, let alone of the model, is ever held.
 struct MemSink {
     dtype: DType,
-    tensors: Mutex<TensorMap>,
+    /// One buffer per planned tensor, allocated zeroed up front (its pages are touched only as
+    /// chunks land), each behind its own lock so chunks of different tensors never wait.
+    tensors: HashMap<String, Mutex<TensorBuf>>,
 }
 
-impl Sink for MemSink {
-    fn put(&self, tensor: &PlannedTensor, mut values: Vec<f32>) -> Result<()> {
-        round_through(self.dtype, &mut values);
-        let buf = TensorBuf::new(tensor.shape.clone(), values);
+impl MemSink {
+    fn new(plan: &Plan) -> Self {
+        let tensors = plan
+            .tensors
+            .iter()
+            .map(|t| {
+                let buf = TensorBuf::zeros(t.shape.clone(), plan.out_dtype);
+                (t.name.clone(), Mutex::new(buf))
+            })
+            .collect();
+        MemSink {
+            dtype: plan.out_dtype,
+            tensors,
+        }
+    }
+
+    fn slot(&self, tensor: &PlannedTensor) -> Result<&Mutex<TensorBuf>> {
+        self.tensors.get(&tensor.name).ok_or_else(|| Error::Tensor {
+            tensor: tensor.name.clone(),
+            msg: "not in the plan of this in-memory merge".into(),
+        })
+    }
+
+    fn into_map(self) -> TensorMap {
         self.tensors
-            .lock()
-            .expect("merge sink poisoned")
-            .insert(tensor.name.clone(), buf);
-        Ok(())
+            .into_iter()
+            .map(|(name, t)| (name, t.into_inner().expect("merge sink poisoned")))
+            .collect()
     }
 }
 
-/// Round `values` to the precision of `dtype` (a no-op for f32).
-fn round_through(dtype: DType, values: &mut [f32]) {
-    match dtype {
-        DType::F32 => {}
-        DType::F16 => values
-            .iter_mut()
-            .for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
-        DType::BF16 => values
-            .iter_mut()
-            .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+impl Sink for MemSink {
+    fn put(&self, tensor: &PlannedTensor, values: Vec<f32>) -> Result<()> {
+        let buf = TensorBuf::from_f32(tensor.shape.clone(), values, self.dtype);
+        *self.slot(tensor)?.lock().expect("merge sink poisoned") = buf;
+        Ok(())
+    }
+
+    fn takes_ranges(&self) -> bool {
+        true
+    }
+
+    fn put_range(&self, tensor: &PlannedTensor, start: usize, values: &[f32]) -> Result<()> {
+        let mut buf = self.slot(tensor)?.lock().expect("merge sink poisoned");
+        if start + values.len() > buf.len() {
+            return Err(Error::Tensor {
+                tensor: tensor.name.clone(),
+                msg: format!(
+                    "elements {start}..{} handed over, the tensor has {}",
+                    start + values.len(),
+                    buf.len()
+                ),
+            });
+        }
+        buf.write_range(start, values);
+        Ok(())
     }
 }
 
@@ -495,13 +534,12 @@ fn progress_bar(len: usize, show: bool) -> ProgressBar {
 }
 
 /// Merge `recipe` into memory (the search's candidates). Models are taken from (or opened into)
-/// `models`, so repeated candidates reuse the same memory maps. Nothing touches the disk.
+/// `models`, so repeated candidates reuse the same memory maps. Nothing touches the disk. Each
+/// tensor is held in the plan's output dtype (bf16 inputs, or `out_dtype: bfloat16`, give a
+/// bf16 model: half the memory of `f32`); the math runs in `f32` a chunk or a tensor at a time.
 pub fn merge_in_memory(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> Result<MemModel> {
     let plan = plan(recipe, models)?;
-    let sink = MemSink {
-        dtype: plan.out_dtype,
-        tensors: Mutex::new(TensorMap::new()),
-    };
+    let sink = MemSink::new(&plan);
     execute(
         &plan,
         models,
@@ -512,7 +550,7 @@ pub fn merge_in_memory(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> Res
     )?;
     Ok(MemModel {
         config: plan.config,
-        tensors: sink.tensors.into_inner().expect("merge sink poisoned"),
+        tensors: sink.into_map(),
     })
 }
 
@@ -528,7 +566,7 @@ pub fn merge_to_disk(
     let mut plan = plan(recipe, models)?;
     if let Some(dt) = options.out_dtype {
         plan.out_dtype = dt;
-        plan.config["torch_dtype"] = serde_json::Value::from(dt.torch_name());
+        crate::merge::plan::set_config_dtype(&mut plan.config, dt);
     }
     let infos: Vec<TensorInfo> = plan
         .tensors

@@ -256,26 +256,31 @@ pub fn lm_examples(
 
 /// The diagonal empirical Fisher of a causal LM (our transformer forward) over `examples`: the
 /// mean over examples of the squared gradient of the example's summed log-likelihood of its
-/// target tokens. Returned under the model's tensor names (a tied head has no tensor of its own).
+/// target tokens. Returned under the model's tensor names (a tied head has no tensor of its own),
+/// in `f32`. The forward and the gradients run on `device` in `f32`, whatever the model's
+/// storage dtype (each tensor is cast on its way to the device).
 pub fn lm_fisher(
     model: &crate::candidate::MemModel,
     examples: &[crate::model::train::Example],
+    device: &Device,
 ) -> Result<TensorMap> {
     use crate::model::train::{lm_loss, make_batch};
-    let device = Device::Cpu;
     let vars = model
         .tensors
         .iter()
-        .map(|(name, t)| Ok((name.clone(), Var::from_tensor(&t.to_candle(&device)?)?)))
+        .map(|(name, t)| {
+            let w = t.to_candle(device)?.to_dtype(candle_core::DType::F32)?;
+            Ok((name.clone(), Var::from_tensor(&w)?))
+        })
         .collect::<Result<Vec<(String, Var)>>>()?;
     let by_name: std::collections::HashMap<String, Tensor> = vars
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
-    let net = crate::model::Transformer::from_tensors(&model.config, &by_name, &device)?;
+    let net = crate::model::Transformer::from_tensors(&model.config, &by_name, device)?;
     fisher_diagonal(&vars, examples.len(), |k| {
         // one example per batch: nothing is padded, so no id may be mistaken for padding
-        let (inputs, targets, mask) = make_batch(&[&examples[k]], u32::MAX, &device)?;
+        let (inputs, targets, mask) = make_batch(&[&examples[k]], u32::MAX, device)?;
         let tokens = f64::from(mask.sum_all()?.to_scalar::<f32>()?);
         let mean_nll = lm_loss(&net.logits(&inputs)?, &targets, &mask)
             .map_err(|e| Error::msg(format!("Fisher example {k}: {e}")))?;
@@ -289,15 +294,14 @@ pub fn normalize_fisher(fisher: &mut TensorMap) {
     let count: usize = fisher.values().map(|t| t.len()).sum();
     let total: f64 = fisher
         .values()
-        .flat_map(|t| t.data.iter())
-        .map(|v| f64::from(*v))
+        .map(|t| t.values().iter().map(|v| f64::from(*v)).sum::<f64>())
         .sum();
     if count == 0 || total <= 0.0 {
         return;
     }
     let scale = count as f64 / total;
     for t in fisher.values_mut() {
-        for v in &mut t.data {
+        for v in t.f32_mut() {
             *v = (f64::from(*v) * scale) as f32;
         }
     }
@@ -374,8 +378,8 @@ mod tests {
         f.insert("b".into(), TensorBuf::new(vec![1], vec![2.]));
         normalize_fisher(&mut f);
         // Mean 2 → scale ½.
-        assert_eq!(f["a"].data, vec![0.5, 1.5]);
-        assert_eq!(f["b"].data, vec![1.0]);
+        assert_eq!(*f["a"].values(), [0.5, 1.5]);
+        assert_eq!(*f["b"].values(), [1.0]);
     }
 
     #[test]
@@ -409,7 +413,7 @@ mod tests {
             dim: 1,
         };
         let f = mlp_fisher(&mlp, &data, FisherLabels::True, 10).unwrap();
-        assert_eq!(f["layers.0.weight"].data, vec![1.0, 1.0]);
-        assert_eq!(f["layers.0.bias"].data, vec![0.25, 0.25]);
+        assert_eq!(*f["layers.0.weight"].values(), [1.0, 1.0]);
+        assert_eq!(*f["layers.0.bias"].values(), [0.25, 0.25]);
     }
 }

@@ -30,7 +30,7 @@
 //!   a listed base with its weight, as in mergekit).
 //! - **Output dtype**: the recipe's `out_dtype`, else `dtype`, else the base (or first) model's
 //!   stored dtype. **Config**: the base (or first) model's config.json (as mergekit), with the
-//!   layer count and `torch_dtype` updated. **Donor** of tokenizer files: the `tokenizer_source`
+//!   layer count and `torch_dtype` (and `dtype`, where present) updated. **Donor** of tokenizer files: the `tokenizer_source`
 //!   model, else the base, else the first model.
 //! - Models whose tensor names or shapes disagree are an [`Error::Mismatch`] listing the first
 //!   differences; a head absent because a model ties its embeddings reads the embedding instead.
@@ -504,12 +504,12 @@ pub fn plan_with(
         .or(config_model.first_dtype)
         .unwrap_or(DType::F32);
     let mut config = config_model.src.config().clone();
-    if let Some(obj) = config.as_object_mut() {
-        if let Some(key) = arch::layer_count_key(&serde_json::Value::Object(obj.clone())) {
-            obj.insert(key.to_string(), out_layer.into());
-        }
-        obj.insert("torch_dtype".into(), out_dtype.torch_name().into());
+    if let Some(obj) = config.as_object_mut()
+        && let Some(key) = arch::layer_count_key(&serde_json::Value::Object(obj.clone()))
+    {
+        obj.insert(key.to_string(), out_layer.into());
     }
+    set_config_dtype(&mut config, out_dtype);
     let donor = match &recipe.tokenizer_source {
         Some(TokenizerSource::Model(m)) => Some(m.path.clone()),
         _ => Some(config_model.path.clone()),
@@ -523,6 +523,17 @@ pub fn plan_with(
         donor: donor.filter(|d| !d.as_os_str().is_empty()),
         recipe_yaml: recipe.to_yaml(),
     })
+}
+
+/// Record `dtype` in a config.json: `torch_dtype`, and `dtype` too where the config has that key
+/// (transformers ≥ 4.56 writes both), so the two never disagree.
+pub fn set_config_dtype(config: &mut serde_json::Value, dtype: DType) {
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("torch_dtype".into(), dtype.torch_name().into());
+        if obj.contains_key("dtype") {
+            obj.insert("dtype".into(), dtype.torch_name().into());
+        }
+    }
 }
 
 struct Planner<'a> {

@@ -23,7 +23,8 @@ use crate::eval::{Evaluator, Split};
 use crate::merge::{MergeInput, MergeMethod, Params, Scope, tensor_seed};
 use crate::tensor::TensorBuf;
 
-/// The uniform average of `models` (config taken from the first).
+/// The uniform average of `models` (config taken from the first), summed in `f64` and stored in
+/// the first model's dtype, tensor by tensor.
 pub fn uniform_soup(models: &[&MemModel]) -> Result<MemModel> {
     let first = models
         .first()
@@ -41,13 +42,16 @@ pub fn uniform_soup(models: &[&MemModel]) -> Result<MemModel> {
                     other.shape, t.shape
                 )));
             }
-            for (a, v) in acc.iter_mut().zip(&other.data) {
+            for (a, v) in acc.iter_mut().zip(other.values().iter()) {
                 *a += f64::from(*v);
             }
         }
         let n = models.len() as f64;
         let data = acc.into_iter().map(|a| (a / n) as f32).collect();
-        tensors.insert(name.clone(), TensorBuf::new(t.shape.clone(), data));
+        tensors.insert(
+            name.clone(),
+            TensorBuf::from_f32(t.shape.clone(), data, t.dtype()),
+        );
     }
     for (i, m) in models.iter().enumerate() {
         if m.tensors.len() != first.tensors.len() {
@@ -146,7 +150,7 @@ pub fn uniform_soup_dirs(dirs: &[&std::path::Path], out: &std::path::Path) -> Re
         &crate::store::WriteConfig::default(),
     )?;
     for (name, t) in &soup.tensors {
-        writer.write(name, &t.data)?;
+        writer.write(name, &t.values())?;
     }
     let listed: Vec<String> = dirs
         .iter()
@@ -164,7 +168,8 @@ pub fn uniform_soup_dirs(dirs: &[&std::path::Path], out: &std::path::Path) -> Re
 
 /// Merge in-memory `models` with `method`, tensor by tensor. `aux[i]` holds model `i`'s auxiliary
 /// tensors (its Fisher diagonal or Gram matrices) for methods that declare [`MergeMethod::aux`];
-/// `global` and `per_model` override the declared defaults. No base model.
+/// `global` and `per_model` override the declared defaults. No base model. Each output tensor is
+/// stored in the first model's dtype for it.
 pub fn merge_mem(
     method: &dyn MergeMethod,
     models: &[&MemModel],
@@ -210,15 +215,11 @@ pub fn merge_mem(
                     other.shape, t.shape
                 )));
             }
-            inputs.push(other.data.as_slice());
+            inputs.push(other.values());
         }
-        let aux_for: Vec<Option<&[f32]>> = if method.aux().is_some() {
+        let aux_values: Vec<Option<std::borrow::Cow<'_, [f32]>>> = if method.aux().is_some() {
             (0..models.len())
-                .map(|i| {
-                    aux.get(i)
-                        .and_then(|a| a.get(name))
-                        .map(|t| t.data.as_slice())
-                })
+                .map(|i| aux.get(i).and_then(|a| a.get(name)).map(TensorBuf::values))
                 .collect()
         } else {
             Vec::new()
@@ -227,14 +228,17 @@ pub fn merge_mem(
             tensor: name,
             shape: &t.shape,
             base: None,
-            models: inputs,
+            models: inputs.iter().map(|v| v.as_ref()).collect(),
             model_params: model_params.clone(),
             global: defaults_global.clone(),
-            aux: aux_for,
+            aux: aux_values.iter().map(|a| a.as_deref()).collect(),
             seed: tensor_seed(seed, name),
         };
         let data = method.merge(&input)?;
-        tensors.insert(name.clone(), TensorBuf::new(t.shape.clone(), data));
+        tensors.insert(
+            name.clone(),
+            TensorBuf::from_f32(t.shape.clone(), data, t.dtype()),
+        );
     }
     Ok(MemModel {
         config: first.config.clone(),
@@ -267,7 +271,7 @@ mod tests {
                 unreachable!()
             };
             Ok(Score {
-                primary: -f64::from((m.tensors["w"].data[0] - 1.0).abs()),
+                primary: -f64::from((m.tensors["w"].values()[0] - 1.0).abs()),
                 ..Default::default()
             })
         }
@@ -277,7 +281,7 @@ mod tests {
     fn uniform_soup_averages() {
         let (a, b, c) = (model(1.0), model(2.0), model(6.0));
         let s = uniform_soup(&[&a, &b, &c]).unwrap();
-        assert_eq!(s.tensors["w"].data, vec![3.0]);
+        assert_eq!(*s.tensors["w"].values(), [3.0]);
     }
 
     #[test]
@@ -289,7 +293,7 @@ mod tests {
         // Start {0.8}: + 1.5 → 1.15 (−0.15, better); + 0.0 → 0.767 (−0.233, worse);
         // + 3.0 → 1.767 (worse). Soup = {0.8, 1.5}.
         assert_eq!(g.members, vec![3, 0]);
-        assert!((g.model.tensors["w"].data[0] - 1.15).abs() < 1e-6);
+        assert!((g.model.tensors["w"].values()[0] - 1.15).abs() < 1e-6);
         assert!((g.score + 0.15).abs() < 1e-6);
         let want = [-0.5, -1.0, -2.0, -0.2];
         assert!(

@@ -459,8 +459,8 @@ pub fn save_tensors(path: &Path, tensors: &TensorMap) -> Result<()> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| {
-            let mut b = vec![0u8; t.data.len() * 4];
-            crate::tensor::DType::F32.encode_into(&t.data, &mut b);
+            let mut b = vec![0u8; t.len() * 4];
+            crate::tensor::DType::F32.encode_into(&t.values(), &mut b);
             (name.clone(), t.shape.clone(), b)
         })
         .collect();
@@ -550,7 +550,12 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         let bound = 1.0 / 3f32.sqrt();
-        assert!(a["layers.0.weight"].data.iter().all(|v| v.abs() <= bound));
+        assert!(
+            a["layers.0.weight"]
+                .values()
+                .iter()
+                .all(|v| v.abs() <= bound)
+        );
         let mem = MemModel {
             config: cfg.to_json(),
             tensors: a.clone(),

@@ -23,6 +23,10 @@
 //! tasks = [                    # crate::eval::tasks::TaskSpec, paths relative to this file
 //!   { name = "add", path = "../assets/toy/tasks/add", metric = "exact_match" },
 //! ]
+//! device = "cpu"               # lm: "cpu" | "cuda" (every GPU; slot i on GPU i mod n) | "cuda:N"
+//! dtype = "f32"                # lm: the forward's compute dtype, "f32" | "bf16" | "f16"
+//! batch_size = 32              # lm: sequences per forward call
+//! max_length = 64              # lm: longest sequence; default max_position_embeddings
 //!
 //! [optimizer]
 //! sigma0 = 0.2                 # in gene units (a PS gene's whole range is 1.0)
@@ -47,10 +51,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 use crate::eval::Split;
 use crate::eval::command::CommandSpec;
 use crate::eval::tasks::TaskSpec;
+use crate::tensor::DType;
 
 /// A whole search definition.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -235,6 +241,19 @@ pub enum EvaluatorDef {
         /// Sequences per forward call (default 32).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         batch_size: Option<usize>,
+        /// Where the forward runs (default `cpu`); `cuda` spreads the slots over every visible
+        /// GPU (see [`crate::device`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<DeviceSpec>,
+        /// The forward's compute dtype (default `f32`). Candidates stay in their storage dtype
+        /// either way; each weight is cast when the model is built.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dtype: Option<DType>,
+        /// The longest sequence an example may need (context + generated tokens, ...); longer
+        /// ones are refused when the evaluator is made. Default: the model's config.json
+        /// `max_position_embeddings`, when it has one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_length: Option<usize>,
         #[serde(default = "dev")]
         fitness_split: Split,
     },
@@ -248,6 +267,21 @@ pub enum EvaluatorDef {
 }
 
 impl EvaluatorDef {
+    /// Run the `lm` evaluator's forward on `device` instead of the definition's (the `--device`
+    /// flag of `search` and `resume`). A `command` evaluator runs no model of ours: an error.
+    pub fn set_device(&mut self, spec: DeviceSpec) -> Result<()> {
+        match self {
+            EvaluatorDef::Lm { device, .. } => {
+                *device = Some(spec);
+                Ok(())
+            }
+            EvaluatorDef::Command { .. } => Err(Error::Search(format!(
+                "--device {spec}: the `command` evaluator runs its own program; set the device \
+                 there (only `kind = \"lm\"` runs our forward)"
+            ))),
+        }
+    }
+
     /// The split the search's fitness is computed on.
     pub fn fitness_split(&self) -> Split {
         match self {
@@ -442,6 +476,19 @@ impl SearchDef {
         }
         if self.parallelism.slots == 0 {
             return Err("parallelism.slots must be ≥ 1".into());
+        }
+        if let EvaluatorDef::Lm {
+            batch_size,
+            max_length,
+            ..
+        } = &self.evaluator
+        {
+            if *batch_size == Some(0) {
+                return Err("evaluator.batch_size must be ≥ 1".into());
+            }
+            if *max_length == Some(0) {
+                return Err("evaluator.max_length must be ≥ 1".into());
+            }
         }
         Ok(())
     }

@@ -1,8 +1,13 @@
 //! The optimizer: an adapter over the `cmaes` crate (0.2.2) that runs one generation at a time.
 //!
 //! `cmaes` has no ask/tell interface: it calls the objective itself. [`Optimizer::step`] runs
-//! exactly one generation with `CMAES::next_parallel` inside a rayon pool sized to the
-//! evaluation slots, so at most `slots` candidates are evaluated at once. The objective is
+//! exactly one generation. With `slots ≥ 2` it runs `CMAES::next_parallel` inside a rayon pool
+//! of `slots` threads, so `slots` candidates are evaluated at once and each evaluation's own
+//! parallel work (merge, batches, matmuls) shares those threads: the search never runs more
+//! than `slots` busy threads. With `slots = 1` it runs `CMAES::next` on the caller's thread, one
+//! candidate after another, so each evaluation uses the caller's whole pool (every core, or
+//! `--threads`). Both draw the same proposals (the sampling is the same; only the evaluation
+//! loop differs). The objective is
 //! minimised (the search passes −fitness) and must return a finite value: failures are the
 //! caller's finite penalty. Runs are seeded, so the same seed and the same objective values give
 //! the same proposals, in parallel or not — the basis of resume-by-replay.
@@ -43,7 +48,8 @@ pub struct OptimizerConfig {
     pub max_evaluations: Option<usize>,
     pub seed: u64,
     pub restarts: Restarts,
-    /// Evaluations run at once (the rayon pool's size).
+    /// Evaluations run at once (the rayon pool's size; 1 = one after another on the caller's
+    /// thread, each using the caller's whole pool).
     pub slots: usize,
 }
 
@@ -51,6 +57,12 @@ struct Obj(Objective);
 
 impl ParallelObjectiveFunction for Obj {
     fn evaluate_parallel(&self, x: &DVector<f64>) -> f64 {
+        (self.0)(x.as_slice())
+    }
+}
+
+impl cmaes::ObjectiveFunction for Obj {
+    fn evaluate(&mut self, x: &DVector<f64>) -> f64 {
         (self.0)(x.as_slice())
     }
 }
@@ -77,7 +89,8 @@ pub struct Optimizer {
     cfg: OptimizerConfig,
     objective: Objective,
     random_start: RandomStart,
-    pool: rayon::ThreadPool,
+    /// The evaluation pool (`slots ≥ 2` only).
+    pool: Option<rayon::ThreadPool>,
     cmaes: Option<CMAES<Obj>>,
     lambda0: usize,
     run: usize,
@@ -114,10 +127,15 @@ impl Optimizer {
             .population
             .unwrap_or(4 + (3.0 * (n as f64).ln()).floor() as usize)
             .max(2);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(cfg.slots.max(1))
-            .build()
-            .map_err(|e| Error::Search(format!("cannot start the evaluation pool: {e}")))?;
+        let pool = if cfg.slots >= 2 {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(cfg.slots)
+                .build()
+                .map_err(|e| Error::Search(format!("cannot start the evaluation pool: {e}")))?;
+            Some(pool)
+        } else {
+            None
+        };
         let rng = StdRng::seed_from_u64(cfg.seed ^ 0x005e_ed0f_4e57_a475);
         let mut opt = Optimizer {
             cfg,
@@ -203,7 +221,10 @@ impl Optimizer {
         }
         let cmaes = self.cmaes.as_mut().expect("checked in is_done");
         let lambda = cmaes.parameters().lambda();
-        let end = self.pool.install(|| cmaes.next_parallel());
+        let end = match &self.pool {
+            Some(pool) => pool.install(|| cmaes.next_parallel()),
+            None => cmaes.next(),
+        };
         let sigma = cmaes.sigma();
         self.evals += lambda;
         let info = GenerationInfo {
@@ -316,6 +337,49 @@ mod tests {
         assert_eq!(g1, g2);
         assert!(b1 < 1e-4, "best {b1}");
         assert_eq!(v1, v2, "same seed, same values");
+    }
+
+    #[test]
+    fn one_slot_evaluates_in_turn_on_the_callers_thread_with_the_same_proposals() {
+        let run = |slots: usize| {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let (running, most) = (
+                Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+                Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            );
+            let (s2, r2, m2) = (seen.clone(), running.clone(), most.clone());
+            let caller = std::thread::current().id();
+            let f: Objective = Arc::new(move |x: &[f64]| {
+                use std::sync::atomic::Ordering::SeqCst;
+                let now = r2.fetch_add(1, SeqCst) + 1;
+                m2.fetch_max(now, SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                let on_caller = std::thread::current().id() == caller;
+                s2.lock().unwrap().push((x.to_vec(), on_caller));
+                r2.fetch_sub(1, SeqCst);
+                sphere()(x)
+            });
+            let mut c = cfg(Restarts::None);
+            c.slots = slots;
+            c.generations = Some(5);
+            let mut o = Optimizer::new(vec![0.0; 3], c, f, zero_start()).unwrap();
+            while o.step().unwrap().is_some() {}
+            let mut points = seen.lock().unwrap().clone();
+            points.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+            let most = most.load(std::sync::atomic::Ordering::SeqCst);
+            (points, most)
+        };
+        let (one, most_one) = run(1);
+        let (two, most_two) = run(2);
+        assert_eq!(most_one, 1, "one slot: one evaluation at a time");
+        assert!(most_two <= 2);
+        assert!(
+            one.iter().all(|p| p.1),
+            "one slot runs on the caller's thread"
+        );
+        assert!(two.iter().all(|p| !p.1), "two slots run on the pool");
+        let xs = |v: &[(Vec<f64>, bool)]| v.iter().map(|p| p.0.clone()).collect::<Vec<_>>();
+        assert_eq!(xs(&one), xs(&two), "same proposals either way");
     }
 
     #[test]

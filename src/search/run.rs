@@ -17,6 +17,20 @@
 //! non-finite score) is logged with its message and told to CMA-ES as the finite
 //! [`FAILURE_FITNESS`]; the search goes on.
 //!
+//! Candidates stay in the inputs' dtype: a PS recipe merges in `f32` and stores each tensor in
+//! the base model's dtype (`dtype: float32`, `out_dtype: bfloat16` for bf16 inputs), and the DFS
+//! pool is read in its stored dtype; the evaluator casts weights to its compute dtype
+//! (`[evaluator] dtype`) when it builds the model.
+//!
+//! # Slots and devices
+//!
+//! The optimizer evaluates a generation on a rayon pool of `parallelism.slots` threads. With
+//! `[evaluator] device = "cuda"` and several GPUs, [`build_evaluator`] makes one LM evaluator per
+//! GPU (at most one per slot) and a [`PerSlot`] evaluator that sends the evaluation running on
+//! pool thread `i` to GPU `i mod n` ([`crate::device::slot_device`]). Inside an evaluation,
+//! batches and candle's matmuls use the same pool's threads, so `slots` caps the CPU threads of
+//! the whole search.
+//!
 //! Output directory:
 //!
 //! | file | what |
@@ -26,7 +40,7 @@
 //! | `best_genome.json` | the best record (genome, recipe, dev metrics) |
 //! | `best_recipe.yaml` | PS: the best recipe as mergekit YAML (runnable by `evomerge merge` and mergekit) |
 //! | `best_route.json` | DFS: the best route, see [`RouteFile`] |
-//! | `model/` | PS: the best recipe merged to disk in Hugging Face layout |
+//! | `model/` | PS: the best recipe merged to disk in Hugging Face layout, in the inputs' dtype (the recipe's `out_dtype`; config.json's `torch_dtype` / `dtype` say the same) |
 //! | `report.json`, `report.md` | test-split scores of the sources, the default and the evolved candidate |
 //! | `plots/*.png`, `plots/*.svg` | see [`crate::report::plots`] |
 
@@ -39,13 +53,14 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::candidate::{Candidate, CandidateBody, MemModel, Route};
+use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
 use crate::eval::{Evaluator, Split};
 use crate::search::def::{EvaluatorDef, SearchDef, SpaceDef};
 use crate::search::history::{self, GenerationRow, GenerationsCsv, HistoryWriter, Record, Replay};
 use crate::search::optimizer::{Objective, Optimizer, OptimizerConfig};
 use crate::search::space::{Decoded, DfsSpace, PsModels, PsSpace, Space};
-use crate::store::{Model, ModelSet, TensorSource};
+use crate::store::{ModelSet, TensorSource};
 
 /// The fitness a failed evaluation counts as (finite, so CMA-ES keeps running; it ranks below
 /// every real score).
@@ -117,6 +132,9 @@ pub struct RunOptions {
     /// Test hook: behave as if killed once this many new evaluations have started (the
     /// generation in flight is abandoned; nothing after it is written).
     pub stop_after_evals: Option<usize>,
+    /// Run the LM evaluator on this device instead of the definition's `[evaluator] device`
+    /// (the `--device` flag); recorded in the output's `search.toml`.
+    pub device: Option<DeviceSpec>,
 }
 
 impl Default for RunOptions {
@@ -127,6 +145,7 @@ impl Default for RunOptions {
             report: true,
             plots: true,
             stop_after_evals: None,
+            device: None,
         }
     }
 }
@@ -166,18 +185,6 @@ pub struct Search {
     pub merge_models: Option<ModelSet>,
 }
 
-fn read_mem_model(path: &Path) -> Result<MemModel> {
-    let model = Model::open(path)?;
-    let mut tensors = crate::candidate::TensorMap::new();
-    for info in model.tensors() {
-        tensors.insert(info.name.clone(), model.read(&info.name)?);
-    }
-    Ok(MemModel {
-        config: model.config().clone(),
-        tensors,
-    })
-}
-
 fn layers_of(model: &dyn TensorSource) -> Result<usize> {
     let infos = model.tensor_infos();
     crate::arch::layer_count(model.config())
@@ -197,11 +204,68 @@ fn path_name(p: &Path) -> String {
         .to_string()
 }
 
-/// Build the evaluator a definition names.
+/// The `max_position_embeddings` of the model directory's config.json, if it states one: the
+/// default `max_length` of the LM evaluator.
+pub fn model_max_length(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    config
+        .get("max_position_embeddings")?
+        .as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n > 0)
+}
+
+/// Scores each candidate with the evaluator of the slot it runs on: the evaluation on thread `i`
+/// of the current rayon pool (the search's pool of `slots` threads) goes to
+/// `evaluators[i mod n]` ([`crate::device::slot_device`]); off any pool, to the first. The
+/// search builds one LM evaluator per GPU, so slots spread over the GPUs.
+pub struct PerSlot {
+    evaluators: Vec<Arc<dyn Evaluator>>,
+}
+
+impl PerSlot {
+    /// Route over `evaluators` (at least one).
+    pub fn try_new(evaluators: Vec<Arc<dyn Evaluator>>) -> Result<PerSlot> {
+        if evaluators.is_empty() {
+            return Err(Error::Search("no evaluator to route slots to".into()));
+        }
+        Ok(PerSlot { evaluators })
+    }
+
+    /// The evaluator the calling thread's slot uses.
+    pub fn current(&self) -> &Arc<dyn Evaluator> {
+        let slot = rayon::current_thread_index().unwrap_or(0);
+        &self.evaluators[crate::device::slot_device(slot, self.evaluators.len())]
+    }
+}
+
+impl Evaluator for PerSlot {
+    fn name(&self) -> &str {
+        self.evaluators[0].name()
+    }
+
+    fn evaluate(
+        &self,
+        candidate: &Candidate,
+        split: Split,
+    ) -> std::result::Result<crate::eval::Score, crate::eval::EvalError> {
+        self.current().evaluate(candidate, split)
+    }
+}
+
+/// Build the evaluator a definition names. For `lm`: the tokenizer of the base (or first)
+/// model, `max_length` defaulting to its `max_position_embeddings`, and one evaluator per
+/// device of `[evaluator] device` (up to `parallelism.slots` of them, behind a [`PerSlot`]).
 pub fn build_evaluator(def: &SearchDef) -> Result<Arc<dyn Evaluator>> {
     match &def.evaluator {
         EvaluatorDef::Lm {
-            tasks, batch_size, ..
+            tasks,
+            batch_size,
+            device,
+            dtype,
+            max_length,
+            ..
         } => {
             let tasks = tasks
                 .iter()
@@ -210,14 +274,38 @@ pub fn build_evaluator(def: &SearchDef) -> Result<Arc<dyn Evaluator>> {
             let donor = def.base_model.as_ref().unwrap_or(&def.models[0]);
             let tokenizer: Arc<dyn crate::tokenizer::TextTokenizer> =
                 Arc::from(crate::tokenizer::load_tokenizer(donor)?);
-            Ok(Arc::new(crate::eval::lm::LmEvaluator::try_new(
-                tasks,
-                tokenizer,
-                crate::eval::lm::LmConfig {
-                    batch_size: batch_size.unwrap_or(32),
-                    ..Default::default()
-                },
-            )?))
+            let spec = device.clone().unwrap_or_default();
+            let devices = spec.open_all().map_err(|e| {
+                Error::Search(format!(
+                    "[evaluator] device = \"{spec}\" (or --device): {e}"
+                ))
+            })?;
+            let config = crate::eval::lm::LmConfig {
+                device: candle_core::Device::Cpu,
+                dtype: dtype.unwrap_or(crate::tensor::DType::F32).into(),
+                batch_size: batch_size.unwrap_or(32),
+                max_length: max_length.or_else(|| model_max_length(donor)),
+            };
+            let mut evaluators = devices
+                .into_iter()
+                .take(def.parallelism.slots.max(1))
+                .map(|device| {
+                    let config = crate::eval::lm::LmConfig {
+                        device,
+                        ..config.clone()
+                    };
+                    let e = crate::eval::lm::LmEvaluator::try_new(
+                        tasks.clone(),
+                        tokenizer.clone(),
+                        config,
+                    )?;
+                    Ok(Arc::new(e) as Arc<dyn Evaluator>)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if evaluators.len() == 1 {
+                return Ok(evaluators.remove(0));
+            }
+            Ok(Arc::new(PerSlot::try_new(evaluators)?))
         }
         EvaluatorDef::Command { spec, .. } => Ok(Arc::new(
             crate::eval::command::CommandEvaluator::try_new(spec.clone())?,
@@ -268,7 +356,12 @@ impl Search {
                     pre_tensors: pos(crate::arch::Position::Pre),
                     post_tensors: pos(crate::arch::Position::Post),
                 };
-                let space = Space::Ps(PsSpace::new(info, ps)?);
+                // Merge in f32, store in the inputs' dtype (the base's, else the first model's).
+                let in_dtype = probe
+                    .tensor_infos()
+                    .first()
+                    .map_or(crate::tensor::DType::F32, |i| i.dtype);
+                let space = Space::Ps(PsSpace::new(info, ps)?.with_out_dtype(in_dtype));
                 let sources = def
                     .models
                     .iter()
@@ -302,7 +395,7 @@ impl Search {
                 let mut pool_names = Vec::new();
                 let mut sources = Vec::new();
                 for p in &def.models {
-                    pool.push(Arc::new(read_mem_model(p)?));
+                    pool.push(Arc::new(MemModel::read_dir(p)?));
                     pool_names.push(path_name(p));
                     sources.push((
                         display_name(p),
@@ -791,7 +884,17 @@ pub fn run_search(def: &SearchDef, out_dir: &Path, options: &RunOptions) -> Resu
             out_dir.display()
         )));
     }
-    Search::prepare(def, options)?.run(out_dir, options)
+    let def = with_device(def, options)?;
+    Search::prepare(&def, options)?.run(out_dir, options)
+}
+
+/// `def` with [`RunOptions::device`] applied.
+fn with_device(def: &SearchDef, options: &RunOptions) -> Result<SearchDef> {
+    let mut def = def.clone();
+    if let Some(spec) = &options.device {
+        def.evaluator.set_device(spec.clone())?;
+    }
+    Ok(def)
 }
 
 /// Continue the search recorded in `out_dir` (re-read from its `search.toml`): the run is
@@ -802,7 +905,7 @@ pub fn resume(out_dir: &Path) -> Result<RunSummary> {
 
 /// [`resume`] with options.
 pub fn resume_with(out_dir: &Path, options: &RunOptions) -> Result<RunSummary> {
-    let def = load_saved_def(out_dir)?;
+    let def = with_device(&load_saved_def(out_dir)?, options)?;
     Search::prepare(&def, options)?.run(out_dir, options)
 }
 

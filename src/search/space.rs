@@ -135,6 +135,9 @@ pub struct PsSpace {
     pub groups: Vec<Group>,
     pub parts: Vec<Part>,
     pub genes: Vec<PsGene>,
+    /// The `out_dtype` written into every decoded recipe (the inputs' dtype; see
+    /// [`PsSpace::with_out_dtype`]). `None` writes none, so the output is `f32` like the math.
+    pub out_dtype: Option<crate::tensor::DType>,
 }
 
 impl PsSpace {
@@ -259,7 +262,16 @@ impl PsSpace {
             groups,
             parts,
             genes,
+            out_dtype: None,
         })
+    }
+
+    /// Decoded recipes merge in `f32` (`dtype: float32`, as mergekit reads it) and store the
+    /// result in `dtype` (`out_dtype`): the search passes the inputs' dtype, so candidates in
+    /// memory and the best model on disk keep the checkpoints' precision and size.
+    pub fn with_out_dtype(mut self, dtype: crate::tensor::DType) -> Self {
+        self.out_dtype = Some(dtype);
+        self
     }
 
     /// Number of genes.
@@ -393,6 +405,9 @@ impl PsSpace {
         }
         root.insert("slices".into(), serde_json::Value::Array(slices));
         root.insert("dtype".into(), "float32".into());
+        if let Some(out) = self.out_dtype {
+            root.insert("out_dtype".into(), out.torch_name().into());
+        }
         yaml_serde::to_string(&serde_json::Value::Object(root))
             .map_err(|e| Error::Search(format!("cannot write the recipe YAML: {e}")))
     }

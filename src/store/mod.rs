@@ -10,7 +10,7 @@
 //! let writer = ModelWriter::create("out".as_ref(), &infos, &WriteConfig::default())?;
 //! for info in &infos {
 //!     let t = model.read(&info.name)?; // decoded to f32
-//!     writer.write(&info.name, &t.data)?; // encoded to info.dtype, any thread
+//!     writer.write(&info.name, &t.values())?; // encoded to info.dtype, any thread
 //! }
 //! writer.finish(model.config(), Some(model.dir()), "# copy\n")?;
 //! # Ok(())
@@ -22,6 +22,7 @@
 //! - [`inspect()`]: a [`Summary`] of a model directory.
 
 mod codec;
+pub mod gguf;
 pub mod inspect;
 pub mod reader;
 pub mod writer;
@@ -132,7 +133,7 @@ impl TensorSource for MemModel {
             .iter()
             .map(|(name, t)| TensorInfo {
                 name: name.clone(),
-                dtype: DType::F32,
+                dtype: t.dtype(),
                 shape: t.shape.clone(),
             })
             .collect()
@@ -140,7 +141,7 @@ impl TensorSource for MemModel {
     fn info(&self, name: &str) -> Option<TensorInfo> {
         self.tensors.get(name).map(|t| TensorInfo {
             name: name.to_string(),
-            dtype: DType::F32,
+            dtype: t.dtype(),
             shape: t.shape.clone(),
         })
     }
@@ -149,18 +150,18 @@ impl TensorSource for MemModel {
             model: PathBuf::from(self.label()),
             tensor: name.to_string(),
         })?;
-        if out.len() != t.data.len() {
+        if out.len() != t.len() {
             return Err(Error::Tensor {
                 tensor: name.to_string(),
                 msg: format!(
                     "output buffer holds {} values, tensor has {} (shape {:?})",
                     out.len(),
-                    t.data.len(),
+                    t.len(),
                     t.shape
                 ),
             });
         }
-        out.copy_from_slice(&t.data);
+        t.read_range_into(0, out);
         Ok(())
     }
     fn read_range_into(&self, name: &str, start: usize, out: &mut [f32]) -> Result<()> {
@@ -168,19 +169,18 @@ impl TensorSource for MemModel {
             model: PathBuf::from(self.label()),
             tensor: name.to_string(),
         })?;
-        let src = t
-            .data
-            .get(start..start + out.len())
-            .ok_or_else(|| Error::Tensor {
+        if start.checked_add(out.len()).is_none_or(|end| end > t.len()) {
+            return Err(Error::Tensor {
                 tensor: name.to_string(),
                 msg: format!(
                     "elements {start}..{} requested, tensor has {} (shape {:?})",
-                    start + out.len(),
-                    t.data.len(),
+                    start.saturating_add(out.len()),
+                    t.len(),
                     t.shape
                 ),
-            })?;
-        out.copy_from_slice(src);
+            });
+        }
+        t.read_range_into(start, out);
         Ok(())
     }
     fn label(&self) -> String {
