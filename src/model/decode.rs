@@ -32,7 +32,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::candidate::Route;
 use crate::error::{Error, Result};
 use crate::model::transformer::{
-    Layer, Transformer, apply_rope, linear, masked_softmax, mlp_block, rms_norm, rope_values,
+    Kernels, Layer, Transformer, apply_rope, masked_softmax, mlp_block, norm, project, rope_values,
 };
 
 /// The layers a decoder runs: embeddings and head of one model, then a sequence of
@@ -126,10 +126,12 @@ impl<'a> Stack<'a> {
             let prefix = Tensor::from_slice(&prompts[0][..shared], (1, shared), &dec.device)?;
             dec.run(&prefix)?;
             for slot in &mut dec.slots {
-                let dims = slot.k.dims4()?;
-                let rows = (b, dims.1, dims.2, dims.3);
-                slot.k = slot.k.broadcast_as(rows)?.contiguous()?;
-                slot.v = slot.v.broadcast_as(rows)?.contiguous()?;
+                if let Slot::Device { k, v } = slot {
+                    let dims = k.dims4()?;
+                    let rows = (b, dims.1, dims.2, dims.3);
+                    *k = k.broadcast_as(rows)?.contiguous()?;
+                    *v = v.broadcast_as(rows)?.contiguous()?;
+                }
             }
         }
         dec.pads = pads;
@@ -140,14 +142,31 @@ impl<'a> Stack<'a> {
         }
         let input = Tensor::from_vec(ids, (b, rest), &dec.device)?;
         let logits = dec.run(&input)?;
+        for (slot, &(m, _, _)) in dec.slots.iter_mut().zip(&dec.stack.hops) {
+            if let (true, Slot::Device { k, v }) = (host_attention(m), &*slot) {
+                *slot = Slot::Host {
+                    k: k.flatten_all()?.to_vec1::<f32>()?,
+                    v: v.flatten_all()?.to_vec1::<f32>()?,
+                };
+            }
+        }
         Ok((dec, logits))
     }
 }
 
-/// Key and value cache of one hop: `[batch, kv_heads, capacity, head_dim]`.
-struct Slot {
-    k: Tensor,
-    v: Tensor,
+/// Key and value cache of one hop, `[batch, kv_heads, capacity, head_dim]`.
+enum Slot {
+    /// Candle tensors on the model's device, filled in place.
+    Device { k: Tensor, v: Tensor },
+    /// The same layout in host memory. Used after the prefill when the hop runs in f32 on the
+    /// CPU with inference kernels: a decode step's attention is then a few dot products per
+    /// head, which plain loops do without the per-call cost of dozens of tiny batched gemms.
+    Host { k: Vec<f32>, v: Vec<f32> },
+}
+
+/// Whether a hop's decode steps attend over a host-memory cache (see [`Slot::host`]).
+fn host_attention(m: &Transformer) -> bool {
+    m.device.is_cpu() && m.dtype == DType::F32 && m.kernels == Kernels::Inference
 }
 
 /// A batch being decoded; see the module docs.
@@ -201,6 +220,7 @@ impl Decoder<'_> {
                 self.rows()
             )));
         }
+        let old_rows = self.rows();
         self.pads = keep.iter().map(|&r| self.pads[r]).collect();
         if keep.is_empty() {
             self.slots.clear();
@@ -212,8 +232,22 @@ impl Decoder<'_> {
             &self.device,
         )?;
         for slot in &mut self.slots {
-            slot.k = slot.k.index_select(&idx, 0)?;
-            slot.v = slot.v.index_select(&idx, 0)?;
+            match slot {
+                Slot::Device { k, v } => {
+                    *k = k.index_select(&idx, 0)?;
+                    *v = v.index_select(&idx, 0)?;
+                }
+                Slot::Host { k, v } => {
+                    let row = k.len() / old_rows;
+                    let pick = |t: &[f32]| -> Vec<f32> {
+                        keep.iter()
+                            .flat_map(|&r| t[r * row..(r + 1) * row].iter().copied())
+                            .collect()
+                    };
+                    *k = pick(k);
+                    *v = pick(v);
+                }
+            }
         }
         Ok(())
     }
@@ -256,11 +290,17 @@ impl Decoder<'_> {
             let rope = match ropes.iter().find(|(k, _)| *k == key) {
                 Some((_, t)) => t.clone(),
                 None => {
-                    let (cos, sin) = rope_values(&positions, &m.config);
-                    let d = m.config.head_dim;
+                    let (cos, sin) = rope_values(&positions, &m.config, m.kernels);
+                    let d = cos.len() / (b * s);
+                    // per-row angles: [b, s, d/2] for the fused kernel, [b, 1, s, d] to
+                    // broadcast over the heads otherwise
+                    let shape: &[usize] = match m.kernels {
+                        Kernels::Inference => &[b, s, d],
+                        Kernels::Differentiable => &[b, 1, s, d],
+                    };
                     let t = (
-                        Tensor::from_vec(cos, (b, 1, s, d), &self.device)?.to_dtype(m.dtype)?,
-                        Tensor::from_vec(sin, (b, 1, s, d), &self.device)?.to_dtype(m.dtype)?,
+                        Tensor::from_vec(cos, shape, &self.device)?.to_dtype(m.dtype)?,
+                        Tensor::from_vec(sin, shape, &self.device)?.to_dtype(m.dtype)?,
                     );
                     ropes.push((key, t.clone()));
                     t
@@ -283,13 +323,24 @@ impl Decoder<'_> {
             if fresh {
                 let c = &m.config;
                 let shape = (b, c.num_key_value_heads, self.capacity, c.head_dim);
-                self.slots.push(Slot {
+                self.slots.push(Slot::Device {
                     k: Tensor::zeros(shape, m.dtype, &self.device)?,
                     v: Tensor::zeros(shape, m.dtype, &self.device)?,
                 });
             }
             let l = &m.layers[layer];
-            x = cached_layer(m, l, &x, &rope, &mask, &mut self.slots[h], start)?;
+            x = match &mut self.slots[h] {
+                Slot::Device { k, v } => cached_layer(m, l, &x, &rope, &mask, (k, v), start)?,
+                Slot::Host { k, v } => {
+                    let rows = Rows {
+                        positions: &positions,
+                        shared: p,
+                        pads: &self.pads,
+                        capacity: self.capacity,
+                    };
+                    host_layer(m, l, &x, &rows, (k, v), start)?
+                }
+            };
         }
         self.filled = total;
         let last = x.narrow(1, s - 1, 1)?.squeeze(1)?;
@@ -308,7 +359,7 @@ fn cached_layer(
     x: &Tensor,
     rope: &(Tensor, Tensor),
     mask: &Tensor,
-    slot: &mut Slot,
+    (cache_k, cache_v): (&mut Tensor, &mut Tensor),
     start: usize,
 ) -> Result<Tensor> {
     let c = &m.config;
@@ -316,30 +367,140 @@ fn cached_layer(
     let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let rep = nh / nkv;
     let total = start + s;
-    let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
+    let kn = m.kernels;
+    let h = norm(x, &l.input_norm, c.rms_norm_eps, kn)?;
     let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
         t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()
     };
-    let q = heads(linear(&h, &l.q, l.q_bias.as_ref())?, nh)?;
-    let k = heads(linear(&h, &l.k, l.k_bias.as_ref())?, nkv)?;
-    let v = heads(linear(&h, &l.v, l.v_bias.as_ref())?, nkv)?;
+    let q = heads(project(&h, &l.q, l.q_bias.as_ref(), kn)?, nh)?;
+    let k = heads(project(&h, &l.k, l.k_bias.as_ref(), kn)?, nkv)?;
+    let v = heads(project(&h, &l.v, l.v_bias.as_ref(), kn)?, nkv)?;
     let q = apply_rope(&q, rope)?;
     let k = apply_rope(&k, rope)?.contiguous()?;
-    slot.k.slice_set(&k, 2, start)?;
-    slot.v.slice_set(&v, 2, start)?;
-    let keys = slot.k.narrow(2, 0, total)?;
-    let values = slot.v.narrow(2, 0, total)?;
+    cache_k.slice_set(&k, 2, start)?;
+    cache_v.slice_set(&v, 2, start)?;
+    let keys = cache_k.narrow(2, 0, total)?;
+    let values = cache_v.narrow(2, 0, total)?;
     // Query heads grouped by their kv head: head j uses kv head j / rep (transformers'
     // `repeat_kv`), so [b, nh, s, d] → [b, kv, rep·s, d] is a plain reshape.
     let q = q.contiguous()?.reshape((b, nkv, rep * s, hd))?;
     let scores = (q.matmul(&keys.t()?)? * (1.0 / (hd as f64).sqrt()))?;
     let scores = scores.reshape((b, nkv, rep, s, total))?;
-    let probs = masked_softmax(&scores, mask)?.reshape((b, nkv, rep * s, total))?;
+    let probs = masked_softmax(&scores, mask, kn)?.reshape((b, nkv, rep * s, total))?;
     let attn = probs
         .matmul(&values)?
         .reshape((b, nh, s, hd))?
         .transpose(1, 2)?
         .reshape((b, s, nh * hd))?;
-    let x = (x + linear(&attn, &l.o, None)?)?;
-    mlp_block(l, &x, c.rms_norm_eps)
+    let x = (x + project(&attn, &l.o, None, kn)?)?;
+    mlp_block(l, &x, c.rms_norm_eps, kn)
+}
+
+/// What a host-memory attention needs to know of the batch's rows.
+struct Rows<'r> {
+    /// RoPE position of each row's new token.
+    positions: &'r [usize],
+    shared: usize,
+    pads: &'r [usize],
+    capacity: usize,
+}
+
+/// [`cached_layer`] for one new column with the cache in host memory: projections, norms and
+/// the MLP on candle as before; RoPE, the cache write and the attention in plain loops, rows in
+/// parallel.
+fn host_layer(
+    m: &Transformer,
+    l: &Layer,
+    x: &Tensor,
+    rows: &Rows<'_>,
+    (cache_k, cache_v): (&mut Vec<f32>, &mut Vec<f32>),
+    start: usize,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+
+    let c = &m.config;
+    let (b, s, _) = x.dims3()?;
+    if s != 1 {
+        return Err(Error::msg(
+            "decode: a host-memory cache takes one column per step",
+        ));
+    }
+    let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let (rep, half, cap, total) = (nh / nkv, hd / 2, rows.capacity, start + 1);
+    let kn = m.kernels;
+    let h = norm(x, &l.input_norm, c.rms_norm_eps, kn)?;
+    let q = project(&h, &l.q, l.q_bias.as_ref(), kn)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let k = project(&h, &l.k, l.k_bias.as_ref(), kn)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let v = project(&h, &l.v, l.v_bias.as_ref(), kn)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let (cos, sin) = rope_values(rows.positions, c, Kernels::Inference);
+    let rope = |x: &mut [f32], r: usize| {
+        let (cs, sn) = (
+            &cos[r * half..(r + 1) * half],
+            &sin[r * half..(r + 1) * half],
+        );
+        for j in 0..half {
+            let (a, bb) = (x[j], x[j + half]);
+            x[j] = a * cs[j] - bb * sn[j];
+            x[j + half] = bb * cs[j] + a * sn[j];
+        }
+    };
+    let row_len = nkv * cap * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; b * nh * hd];
+    out.par_chunks_mut(nh * hd)
+        .zip(cache_k.par_chunks_mut(row_len))
+        .zip(cache_v.par_chunks_mut(row_len))
+        .enumerate()
+        .for_each(|(r, ((out, ck), cv))| {
+            for g in 0..nkv {
+                let at = (g * cap + start) * hd;
+                let src = (r * nkv + g) * hd;
+                ck[at..at + hd].copy_from_slice(&k[src..src + hd]);
+                rope(&mut ck[at..at + hd], r);
+                cv[at..at + hd].copy_from_slice(&v[src..src + hd]);
+            }
+            let (p, pad) = (rows.shared, rows.pads[r]);
+            let visible = |j: usize| j < p || j >= p + pad;
+            let mut scores = vec![0f32; total];
+            for head in 0..nh {
+                let g = head / rep;
+                let mut qh = q[(r * nh + head) * hd..(r * nh + head + 1) * hd].to_vec();
+                rope(&mut qh, r);
+                let keys = &ck[g * cap * hd..(g * cap + total) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, sc) in scores.iter_mut().enumerate() {
+                    *sc = if visible(j) {
+                        let kj = &keys[j * hd..(j + 1) * hd];
+                        qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    max = max.max(*sc);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                let o = &mut out[head * hd..(head + 1) * hd];
+                let values = &cv[g * cap * hd..(g * cap + total) * hd];
+                for (j, &w) in scores.iter().enumerate() {
+                    if w != 0.0 {
+                        let w = w / sum;
+                        for (o, v) in o.iter_mut().zip(&values[j * hd..(j + 1) * hd]) {
+                            *o += w * v;
+                        }
+                    }
+                }
+            }
+        });
+    let attn = Tensor::from_vec(out, (b, 1, nh * hd), &m.device)?;
+    let x = (x + project(&attn, &l.o, None, kn)?)?;
+    mlp_block(l, &x, c.rms_norm_eps, kn)
 }
