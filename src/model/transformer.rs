@@ -540,6 +540,23 @@ impl Transformer {
         let v = heads(project(&h, &l.v, l.v_bias.as_ref(), kn)?, nkv)?;
         let q = apply_rope(&q, rope)?;
         let k = apply_rope(&k, rope)?;
+        if kn == Kernels::Inference {
+            // query heads grouped by their kv head (head j uses kv head j / rep, transformers'
+            // `repeat_kv`): one [rep·s, d] × [d, s] product per kv head, no repeated copy of
+            // the keys and values
+            let rep = nh / nkv;
+            let q = q.contiguous()?.reshape((b, nkv, rep * s, hd))?;
+            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+            let scores = scores.reshape((b, nkv, rep, s, s))?;
+            let probs = masked_softmax(&scores, mask, kn)?.reshape((b, nkv, rep * s, s))?;
+            let attn = probs
+                .matmul(&v)?
+                .reshape((b, nh, s, hd))?
+                .transpose(1, 2)?
+                .reshape((b, s, nh * hd))?;
+            let x = (x + project(&attn, &l.o, None, kn)?)?;
+            return mlp_block(l, &x, c.rms_norm_eps, kn);
+        }
         let (k, v) = if nh == nkv {
             (k, v)
         } else {
