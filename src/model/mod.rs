@@ -1,9 +1,10 @@
 //! Forward passes on candle: a decoder-only transformer (Llama / Mistral / Qwen2 names) that runs
-//! merged tensors or data-flow routes from memory, and the training loop that made the toy world.
+//! merged tensors or data-flow routes from memory, incremental decoding with a KV cache
+//! ([`decode`]), and the training loop that made the toy world.
 //!
-//! [`build`] turns any [`Candidate`] into a [`CausalLm`]: merged tensors become a
-//! [`Transformer`], a route becomes a [`RoutedModel`], a model directory is opened with
-//! [`crate::store::Model::open`] and decoded to `f32`.
+//! [`build`] turns any [`Candidate`] into a [`CausalLm`] computing in the dtype it is given:
+//! merged tensors become a [`Transformer`], a route becomes a [`RoutedModel`], a model directory
+//! is opened with [`crate::store::Model::open`].
 
 pub mod decode;
 pub mod mlp;
