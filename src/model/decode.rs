@@ -32,7 +32,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::candidate::Route;
 use crate::error::{Error, Result};
 use crate::model::transformer::{
-    Kernels, Layer, Transformer, apply_rope, masked_softmax, mlp_block, norm, project, rope_values,
+    Kernels, Layer, Transformer, apply_rope, grouped_attention, mlp_block, norm, project,
+    rope_values,
 };
 
 /// The layers a decoder runs: embeddings and head of one model, then a sequence of
@@ -365,7 +366,6 @@ fn cached_layer(
     let c = &m.config;
     let (b, s, _) = x.dims3()?;
     let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-    let rep = nh / nkv;
     let total = start + s;
     let kn = m.kernels;
     let h = norm(x, &l.input_norm, c.rms_norm_eps, kn)?;
@@ -381,17 +381,7 @@ fn cached_layer(
     cache_v.slice_set(&v, 2, start)?;
     let keys = cache_k.narrow(2, 0, total)?;
     let values = cache_v.narrow(2, 0, total)?;
-    // Query heads grouped by their kv head: head j uses kv head j / rep (transformers'
-    // `repeat_kv`), so [b, nh, s, d] → [b, kv, rep·s, d] is a plain reshape.
-    let q = q.contiguous()?.reshape((b, nkv, rep * s, hd))?;
-    let scores = (q.matmul(&keys.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-    let scores = scores.reshape((b, nkv, rep, s, total))?;
-    let probs = masked_softmax(&scores, mask, kn)?.reshape((b, nkv, rep * s, total))?;
-    let attn = probs
-        .matmul(&values)?
-        .reshape((b, nh, s, hd))?
-        .transpose(1, 2)?
-        .reshape((b, s, nh * hd))?;
+    let attn = grouped_attention(&q, &keys, &values, mask, nh, kn)?;
     let x = (x + project(&attn, &l.o, None, kn)?)?;
     mlp_block(l, &x, c.rms_norm_eps, kn)
 }

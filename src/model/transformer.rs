@@ -541,19 +541,7 @@ impl Transformer {
         let q = apply_rope(&q, rope)?;
         let k = apply_rope(&k, rope)?;
         if kn == Kernels::Inference {
-            // query heads grouped by their kv head (head j uses kv head j / rep, transformers'
-            // `repeat_kv`): one [rep·s, d] × [d, s] product per kv head, no repeated copy of
-            // the keys and values
-            let rep = nh / nkv;
-            let q = q.contiguous()?.reshape((b, nkv, rep * s, hd))?;
-            let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-            let scores = scores.reshape((b, nkv, rep, s, s))?;
-            let probs = masked_softmax(&scores, mask, kn)?.reshape((b, nkv, rep * s, s))?;
-            let attn = probs
-                .matmul(&v)?
-                .reshape((b, nh, s, hd))?
-                .transpose(1, 2)?
-                .reshape((b, s, nh * hd))?;
+            let attn = grouped_attention(&q, &k, &v, mask, nh, kn)?;
             let x = (x + project(&attn, &l.o, None, kn)?)?;
             return mlp_block(l, &x, c.rms_norm_eps, kn);
         }
@@ -746,6 +734,33 @@ pub(super) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core:
 /// rows); for a prefill's thousands of rows the transposed copy of the output costs more than
 /// it saves.
 const SKINNY_ROWS: usize = 64;
+
+/// Causal attention with the query heads grouped by their kv head (head j uses kv head
+/// j / rep, transformers' `repeat_kv`), so `[b, nh, s, d]` → `[b, kv, rep·s, d]` is a plain
+/// reshape: one `[rep·s, d] × [d, t]` product per kv head and no repeated copy of the keys and
+/// values. `q`: `[b, nh, s, d]`; `k`, `v`: `[b, kv, t, d]` (any strides a matmul takes); `mask`
+/// broadcasts to `[b, kv, rep, s, t]`. Returns `[b, s, nh·d]`.
+pub(super) fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    nh: usize,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    let (b, _, s, hd) = q.dims4()?;
+    let (_, nkv, t, _) = k.dims4()?;
+    let rep = nh / nkv;
+    let q = q.contiguous()?.reshape((b, nkv, rep * s, hd))?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = scores.reshape((b, nkv, rep, s, t))?;
+    let probs = masked_softmax(&scores, mask, kernels)?.reshape((b, nkv, rep * s, t))?;
+    probs
+        .matmul(v)?
+        .reshape((b, nh, s, hd))?
+        .transpose(1, 2)?
+        .reshape((b, s, nh * hd))
+}
 
 /// `x · wᵀ (+ b)` with the chosen kernels: [`linear`], or `(w · xᵀ)ᵀ` for inference on few
 /// rows (see [`SKINNY_ROWS`]).
