@@ -22,15 +22,16 @@ pub struct MemModel {
 }
 
 impl MemModel {
-    /// Read a model directory into memory, every tensor in its stored dtype (a bf16 checkpoint
-    /// takes its file size, not twice that). Reads a chunk at a time with positioned reads, so
-    /// the file's pages are not counted in our RSS.
+    /// Read a model directory (or any reference [`crate::store::open_source`] opens, such as
+    /// `BASE+ADAPTER`) into memory, every tensor in its stored dtype (a bf16 checkpoint takes its
+    /// file size, not twice that). Reads a chunk at a time with positioned reads, so the file's
+    /// pages are not counted in our RSS.
     pub fn read_dir(dir: &Path) -> Result<MemModel> {
         const CHUNK: usize = 1 << 16;
-        let model = crate::store::Model::open(dir)?;
+        let model = crate::store::open_source(dir)?;
         let mut tensors = TensorMap::new();
         let mut buf = Vec::new();
-        for info in model.tensors() {
+        for info in &model.tensor_infos() {
             let n = info.numel();
             let mut t = TensorBuf::zeros(info.shape.clone(), info.dtype);
             for start in (0..n).step_by(CHUNK) {

@@ -156,6 +156,10 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: DeviceSpec,
     },
+    /// LoRA fine-tuning: train low-rank adapters on a frozen base model over tasks' train.jsonl
+    /// (encoded exactly as `eval` prompts them; loss on the target + EOS) and write a PEFT
+    /// adapter directory (adapter_config.json, adapter_model.safetensors).
+    Finetune(FinetuneArgs),
     /// Score model directories and merge recipes (built in memory, in the inputs' dtype) on
     /// held-out tasks; prints a Markdown table per task and split.
     Eval {
@@ -175,6 +179,165 @@ enum Command {
         #[command(flatten)]
         lm: LmArgs,
     },
+}
+
+/// `evomerge finetune` (see [`finetune_command`]).
+#[derive(clap::Args, Clone, Debug)]
+struct FinetuneArgs {
+    /// The base model directory (frozen).
+    base: PathBuf,
+    /// A tasks TOML file (as for `eval`; each task's train.jsonl is used) or a task directory
+    /// holding train.jsonl (an exact_match task).
+    tasks: PathBuf,
+    /// Output adapter directory (must not exist).
+    out: PathBuf,
+    /// Train on this task of the tasks file only (default: every task).
+    #[arg(long)]
+    task: Option<String>,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    /// LoRA alpha (scale alpha / r, or alpha / sqrt(r) with --rslora).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// rsLoRA scaling alpha / sqrt(r).
+    #[arg(long)]
+    rslora: bool,
+    /// Linear modules to adapt, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    target_modules: Vec<String>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Examples per step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Linear warm-up steps, then cosine decay to lr / 10.
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// AdamW weight decay (on the adapter weights).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Seeds the adapter initialisation and the batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// At most this many examples per task (the first ones of train.jsonl).
+    #[arg(long)]
+    max_examples: Option<usize>,
+    /// Print the loss every N steps.
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+    /// Where training runs: cpu, cuda (the first GPU) or cuda:N (in f32).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+/// `evomerge finetune`: LoRA adapters trained on the tasks' train splits, saved for PEFT.
+fn finetune_command(a: &FinetuneArgs) -> anyhow::Result<()> {
+    use evomerge::model::lora::{LoraConfig, load_task_examples, train_lora};
+    use evomerge::model::train::TrainConfig;
+
+    anyhow::ensure!(
+        !a.out.exists(),
+        "{}: the output directory already exists",
+        a.out.display()
+    );
+    let lora = LoraConfig {
+        rank: a.lora_rank,
+        alpha: a.lora_alpha,
+        rslora: a.rslora,
+        target_modules: a.target_modules.clone(),
+    };
+    let tokenizer = evomerge::tokenizer::load_tokenizer(&a.base)?;
+    let (names, examples) = load_task_examples(
+        &a.tasks,
+        a.task.as_deref(),
+        tokenizer.as_ref(),
+        a.max_examples,
+    )?;
+    let model = evomerge::candidate::MemModel::read_dir(&a.base)?;
+    // Check the modules before anything slow (the error lists the model's linear modules).
+    lora.targets(&evomerge::model::LlamaConfig::from_json(&model.config)?)
+        .with_context(|| format!("{}", a.base.display()))?;
+    let device = open_device(&a.device)?;
+    let tc = TrainConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        warmup: a.warmup,
+        min_lr_ratio: 0.1,
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+        pad_id: 0,
+    };
+    let targets: usize = examples
+        .iter()
+        .map(|e| e.loss_mask.iter().skip(1).filter(|m| **m).count())
+        .sum();
+    eprintln!(
+        "fine-tuning {} on {} examples ({} target tokens) of {}: rank {}, alpha {}, scale {:.4}, \
+         modules {}",
+        a.base.display(),
+        examples.len(),
+        targets,
+        names.join(", "),
+        lora.rank,
+        lora.alpha,
+        lora.scale(),
+        lora.target_modules.join(",")
+    );
+    let start = std::time::Instant::now();
+    let mut last = f32::NAN;
+    let every = a.log_every.max(1);
+    let mut adapter = train_lora(
+        &model.config,
+        &model.tensors,
+        &examples,
+        &lora,
+        &tc,
+        &device,
+        |step, loss, lr| {
+            last = loss;
+            if (step + 1) % every == 0 || step == 0 || step + 1 == tc.steps {
+                eprintln!(
+                    "step {:>5}/{}  loss {loss:.4}  lr {lr:.2e}  {:.1} s",
+                    step + 1,
+                    tc.steps,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        },
+    )?;
+    let secs = start.elapsed().as_secs_f64();
+    let per_step = secs / a.steps.max(1) as f64;
+    adapter.notes = vec![
+        format!("base: {}", a.base.display()),
+        format!("tasks: {} ({})", a.tasks.display(), names.join(", ")),
+        format!("examples: {} ({targets} target tokens)", examples.len()),
+        format!(
+            "steps {}, batch size {}, lr {} (warm-up {}, cosine to lr/10), weight decay {}, seed {}",
+            a.steps, a.batch_size, a.lr, a.warmup, a.weight_decay, a.seed
+        ),
+        format!("final loss {last:.4}; {per_step:.3} s/step on {}", a.device),
+    ];
+    let base_name = std::fs::canonicalize(&a.base)
+        .unwrap_or_else(|_| a.base.clone())
+        .display()
+        .to_string();
+    let out = adapter.save_peft(&a.out, &base_name)?;
+    eprintln!(
+        "{} steps in {secs:.1} s ({per_step:.3} s/step); final loss {last:.4}; wrote {}",
+        a.steps,
+        out.display()
+    );
+    Ok(())
 }
 
 /// How the LM evaluator runs a model (`eval`, `soup --greedy`).
@@ -307,7 +470,7 @@ fn eval_command(
                     .base_model
                     .as_ref()
                     .or_else(|| recipe.referenced_models().first().copied())
-                    .map(|m| m.path.clone());
+                    .map(|m| evomerge::store::lora::base_dir_of(&m.path));
             }
             candidates.push((
                 label,
@@ -317,7 +480,7 @@ fn eval_command(
                 },
             ));
         } else {
-            tokenizer_dir.get_or_insert_with(|| path.clone());
+            tokenizer_dir.get_or_insert_with(|| evomerge::store::lora::base_dir_of(path));
             candidates.push((
                 label,
                 Candidate {
@@ -524,6 +687,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             normalize,
             device,
         } => fisher_command(&model, &tasks, &split, max_examples, normalize, &device)?,
+        Command::Finetune(args) => finetune_command(&args)?,
         Command::Align {
             reference,
             other,

@@ -617,6 +617,8 @@ pub fn tokenizer_for_config(
 /// The tokenizer for the model directory `dir` (reads its config.json, and its
 /// tokenizer_config.json, generation_config.json and chat template when present).
 pub fn load_tokenizer(dir: &Path) -> Result<Box<dyn TextTokenizer>> {
+    // `BASE+ADAPTER`: the tokenizer is the base's.
+    let dir = &crate::store::lora::base_dir_of(dir);
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {

@@ -511,8 +511,8 @@ pub fn plan_with(
     }
     set_config_dtype(&mut config, out_dtype);
     let donor = match &recipe.tokenizer_source {
-        Some(TokenizerSource::Model(m)) => Some(m.path.clone()),
-        _ => Some(config_model.path.clone()),
+        Some(TokenizerSource::Model(m)) => Some(crate::store::lora::base_dir_of(&m.path)),
+        _ => Some(crate::store::lora::base_dir_of(&config_model.path)),
     };
 
     Ok(Plan {

@@ -7,6 +7,7 @@
 //! is opened with [`crate::store::Model::open`].
 
 pub mod decode;
+pub mod lora;
 pub mod mlp;
 pub mod train;
 pub mod transformer;
@@ -94,8 +95,12 @@ pub fn build(candidate: &Candidate, device: &Device, dtype: DType) -> Result<Box
             }))
         }
         CandidateBody::Dir(dir) => {
-            let model = crate::store::Model::open(dir)?;
-            Ok(Box::new(Transformer::from_source(&model, device, dtype)?))
+            let model = crate::store::open_source(dir)?;
+            Ok(Box::new(Transformer::from_source(
+                model.as_ref(),
+                device,
+                dtype,
+            )?))
         }
     }
 }

@@ -18,8 +18,10 @@
 //! (when the recipe has one: [`Recipe::from_path`], or `from_str` with `Some(path)`), otherwise
 //! against the working directory. [`ModelRef`] keeps the string as written, which is what
 //! [`Recipe::to_yaml`] writes back; [`ModelRef::path`] is the resolved path the planner opens.
-//! Hugging Face hub ids and mergekit's `model+lora` syntax are not fetched: every model is a
-//! local directory (or a model registered in a [`crate::store::ModelSet`] under that path).
+//! mergekit's `BASE+ADAPTER` (a PEFT LoRA adapter folded into its base as it is read; see
+//! [`crate::store::lora`]) resolves both sides against the recipe's directory. Hugging Face hub
+//! ids are not fetched: every model is a local directory (or a model registered in a
+//! [`crate::store::ModelSet`] under that path).
 //!
 //! **Validation** against a method's declared parameters is [`Recipe::validate`]; per-tensor
 //! parameter resolution (precedence, gradients, filters) is in [`params`]; the merge planner
@@ -54,14 +56,11 @@ pub struct ModelRef {
 }
 
 impl ModelRef {
-    /// A reference resolved against `base_dir` (when given and `name` is relative).
+    /// A reference resolved against `base_dir` (when given and `name` is relative; both sides of
+    /// `BASE+ADAPTER` are resolved).
     pub fn new(name: impl Into<String>, base_dir: Option<&Path>) -> Self {
         let name = name.into();
-        let p = Path::new(&name);
-        let path = match base_dir {
-            Some(dir) if p.is_relative() => dir.join(p),
-            _ => p.to_path_buf(),
-        };
+        let path = crate::store::lora::resolve_ref(Path::new(&name), base_dir);
         ModelRef { name, path }
     }
 }

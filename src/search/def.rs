@@ -386,9 +386,11 @@ impl SearchDef {
                 *p = dir.join(&*p);
             }
         };
-        self.models.iter_mut().for_each(join);
+        // Model references: both sides of `BASE+ADAPTER` resolve against the file's directory.
+        let join_model = |p: &mut PathBuf| *p = crate::store::lora::resolve_ref(p, Some(dir));
+        self.models.iter_mut().for_each(join_model);
         if let Some(b) = self.base_model.as_mut() {
-            join(b);
+            join_model(b);
         }
         if let Some(o) = self.output.as_mut() {
             join(o);

@@ -204,9 +204,10 @@ fn path_name(p: &Path) -> String {
         .to_string()
 }
 
-/// The `max_position_embeddings` of the model directory's config.json, if it states one: the
-/// default `max_length` of the LM evaluator.
+/// The `max_position_embeddings` of the model directory's config.json (a `base+adapter`
+/// reference: the base's), if it states one: the default `max_length` of the LM evaluator.
 pub fn model_max_length(dir: &Path) -> Option<usize> {
+    let dir = crate::store::lora::base_dir_of(dir);
     let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
     let config: serde_json::Value = serde_json::from_str(&text).ok()?;
     config

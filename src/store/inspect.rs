@@ -1,5 +1,7 @@
 //! A one-screen summary of a model directory (what `evomerge inspect` prints): architecture,
-//! layer count, parameter count, tensors per dtype, size on disk, shards, tied embeddings.
+//! layer count, parameter count, tensors per dtype, size on disk, shards, tied embeddings; for
+//! `BASE+ADAPTER`, the base's summary and what the LoRA adapter folds in (r, alpha, scale,
+//! target count).
 //!
 //! ```no_run
 //! let summary = evomerge::store::inspect("models/base")?;
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::lora::{AdapterSummary, LoraModel, ModelRefKind};
 use super::{Model, TensorSource};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -36,11 +39,43 @@ pub struct Summary {
     pub bytes_on_disk: u64,
     pub shards: usize,
     pub tied_embeddings: bool,
+    /// The LoRA adapter folded into the model (`BASE+ADAPTER`), if any.
+    pub adapter: Option<AdapterSummary>,
 }
 
-/// Open `dir` (validating every header) and summarise it.
+/// Open `dir` (validating every header) and summarise it. `BASE+ADAPTER` (or a PEFT directory
+/// with a local base) opens the adapter against the base and summarises both.
 pub fn inspect(dir: impl AsRef<Path>) -> Result<Summary> {
-    let model = Model::open(dir)?;
+    let dir = dir.as_ref();
+    let lora = match super::lora::parse_ref(dir)? {
+        ModelRefKind::Lora { base, adapter } => Some(LoraModel::open(&base, &adapter)?),
+        ModelRefKind::Plain(p) => match super::lora::peft_base(&p)? {
+            Some(base) => Some(LoraModel::open(&base, &p)?),
+            None => None,
+        },
+    };
+    let adapter = lora.as_ref().map(|l| l.adapter().summary());
+    let opened;
+    let model = match &lora {
+        Some(l) => l.base(),
+        None => {
+            opened = Model::open(dir)?;
+            &opened
+        }
+    };
+    let mut summary = summarise(model)?;
+    if let Some(a) = adapter {
+        let file = a.dir.join(super::lora::ADAPTER_WEIGHTS);
+        summary.bytes_on_disk += std::fs::metadata(&file)
+            .map_err(|e| Error::io(&file, e))?
+            .len();
+        summary.adapter = Some(a);
+        summary.dir = dir.to_path_buf();
+    }
+    Ok(summary)
+}
+
+fn summarise(model: &Model) -> Result<Summary> {
     let config = model.config();
     let str_key = |k: &str| config.get(k).and_then(Value::as_str).map(str::to_string);
     let model_type = str_key("model_type");
@@ -82,7 +117,8 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<Summary> {
         dtypes,
         bytes_on_disk,
         shards: model.files().len(),
-        tied_embeddings: crate::arch::tied_embeddings(&model as &dyn TensorSource),
+        tied_embeddings: crate::arch::tied_embeddings(model as &dyn TensorSource),
+        adapter: None,
     })
 }
 
@@ -145,6 +181,35 @@ impl fmt::Display for Summary {
             f,
             "tied embeddings: {}",
             if self.tied_embeddings { "yes" } else { "no" }
-        )
+        )?;
+        if let Some(a) = &self.adapter {
+            write!(
+                f,
+                "\nLoRA adapter:  {} folded in: r {}, alpha {}, scale {} ({}){}; {} target \
+                 tensor{}{}",
+                a.dir.display(),
+                a.r,
+                a.alpha,
+                a.scale,
+                if a.use_rslora {
+                    "rsLoRA: alpha/sqrt(r)"
+                } else {
+                    "alpha/r"
+                },
+                if a.patterns {
+                    ", other values per module by rank_pattern / alpha_pattern"
+                } else {
+                    ""
+                },
+                a.folded,
+                if a.folded == 1 { "" } else { "s" },
+                if a.replaced > 0 {
+                    format!(", {} replaced whole (modules_to_save)", a.replaced)
+                } else {
+                    String::new()
+                }
+            )?;
+        }
+        Ok(())
     }
 }

@@ -20,10 +20,13 @@
 //! - [`reader`]: [`Model::open`] and header validation.
 //! - [`writer`]: [`ModelWriter`], [`output_config`].
 //! - [`inspect()`]: a [`Summary`] of a model directory.
+//! - [`lora`]: `BASE+ADAPTER` references, a PEFT LoRA adapter folded into its base as it is read;
+//!   [`open_source`] opens any model reference.
 
 mod codec;
 pub mod gguf;
 pub mod inspect;
+pub mod lora;
 pub mod reader;
 pub mod writer;
 
@@ -69,6 +72,13 @@ pub trait TensorSource: Send + Sync {
     fn label(&self) -> String;
 }
 
+/// Open any model reference as a [`TensorSource`]: a model directory ([`Model::open`]), a
+/// `BASE+ADAPTER` pair or a PEFT directory with a local base ([`lora::LoraModel`], the adapter
+/// folded in as tensors are read). See [`lora`] for how a reference is split.
+pub fn open_source(path: &Path) -> Result<std::sync::Arc<dyn TensorSource>> {
+    lora::open_ref(path)
+}
+
 /// The models a recipe refers to, opened once and shared (memory-mapped models are reused across
 /// every candidate of a search). In-memory models can be registered under a name of their own.
 #[derive(Clone, Default)]
@@ -87,7 +97,7 @@ impl ModelSet {
         if let Some(m) = self.models.get(path) {
             return Ok(m.clone());
         }
-        let model: std::sync::Arc<dyn TensorSource> = std::sync::Arc::new(Model::open(path)?);
+        let model = open_source(path)?;
         self.models.insert(path.to_path_buf(), model.clone());
         Ok(model)
     }

@@ -253,7 +253,8 @@ pub(crate) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>
 }
 
 /// A JSON object read as its (key, value) pairs in file order, duplicates kept.
-struct HeaderPairs(Vec<(String, Value)>);
+#[derive(Default)]
+pub(crate) struct HeaderPairs(pub(crate) Vec<(String, Value)>);
 
 impl<'de> serde::Deserialize<'de> for HeaderPairs {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
