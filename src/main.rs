@@ -237,6 +237,10 @@ struct FinetuneArgs {
     /// Where training runs: cpu, cuda (the first GPU) or cuda:N (in f32).
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
+    /// The `base_model_name_or_path` written into adapter_config.json, e.g. a Hugging Face hub
+    /// id (default: BASE as given on the command line).
+    #[arg(long)]
+    base_name: Option<String>,
 }
 
 /// `evomerge finetune`: LoRA adapters trained on the tasks' train splits, saved for PEFT.
@@ -327,10 +331,10 @@ fn finetune_command(a: &FinetuneArgs) -> anyhow::Result<()> {
         ),
         format!("final loss {last:.4}; {per_step:.3} s/step on {}", a.device),
     ];
-    let base_name = std::fs::canonicalize(&a.base)
-        .unwrap_or_else(|_| a.base.clone())
-        .display()
-        .to_string();
+    let base_name = a
+        .base_name
+        .clone()
+        .unwrap_or_else(|| a.base.display().to_string());
     let out = adapter.save_peft(&a.out, &base_name)?;
     eprintln!(
         "{} steps in {secs:.1} s ({per_step:.3} s/step); final loss {last:.4}; wrote {}",

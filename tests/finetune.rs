@@ -149,7 +149,7 @@ fn finetune_writes_a_peft_adapter_directory() {
         json!(["q_proj", "v_proj", "down_proj"])
     );
     let base_name = cfg["base_model_name_or_path"].as_str().unwrap();
-    assert_eq!(Path::new(base_name), fs::canonicalize(&base).unwrap());
+    assert_eq!(Path::new(base_name), base.as_path(), "BASE as given");
     let tensors =
         evomerge::model::mlp::load_tensors(&out.join("adapter_model.safetensors")).unwrap();
     assert_eq!(tensors.len(), 2 * 3 * 2);
