@@ -51,9 +51,7 @@ fn tasks_file(dir: &Path, tasks: &[&str]) -> PathBuf {
         if !tasks.contains(&t["name"].as_str().unwrap()) {
             continue;
         }
-        let path = root()
-            .join("assets/real")
-            .join(t["path"].as_str().unwrap());
+        let path = root().join("assets/real").join(t["path"].as_str().unwrap());
         t.insert("path".into(), path.display().to_string().into());
         t.insert("limit".into(), (LIMIT as i64).into());
         out.push_str("[[tasks]]\n");
@@ -108,8 +106,14 @@ fn experts_learned_their_skills_and_the_base_lacks_them() {
     let arith = scores(&expert("arith"), &tasks);
     let roman = scores(&expert("roman"), &tasks);
     // Each expert is far better than the base at its own skill (assets/real/README.md).
-    assert!(arith[0] >= base[0] + 30.0, "arith: {arith:?} vs base {base:?}");
-    assert!(roman[1] >= base[1] + 30.0, "roman: {roman:?} vs base {base:?}");
+    assert!(
+        arith[0] >= base[0] + 30.0,
+        "arith: {arith:?} vs base {base:?}"
+    );
+    assert!(
+        roman[1] >= base[1] + 30.0,
+        "roman: {roman:?} vs base {base:?}"
+    );
 }
 
 #[test]
