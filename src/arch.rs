@@ -116,6 +116,102 @@ pub fn layer_count_key(config: &Value) -> Option<&'static str> {
         .find(|k| config.get(k).is_some_and(Value::is_u64))
 }
 
+/// Largest size [`check_config`] accepts for a layer count, width, head count or vocabulary
+/// (the largest open models are far below: ~262k vocabulary, ~30k hidden size).
+pub const MAX_CONFIG_SIZE: u64 = 1 << 24;
+/// Largest `max_position_embeddings` / `n_positions` [`check_config`] accepts.
+pub const MAX_CONFIG_POSITIONS: u64 = 1 << 30;
+
+/// Check the config.json fields evomerge relies on, when present (any architecture; a key that
+/// is absent or `null` is not checked): layer count, hidden size, intermediate size, attention
+/// and key/value heads, head_dim and vocabulary are positive integers (at most
+/// [`MAX_CONFIG_SIZE`]), `max_position_embeddings` a positive integer (at most
+/// [`MAX_CONFIG_POSITIONS`]); the heads divide `hidden_size` (unless `head_dim` is given) and
+/// the key/value heads divide the heads; `rms_norm_eps` / `layer_norm_eps` is a number in
+/// [0, 1]; `rope_theta` a positive finite number; `tie_word_embeddings` a boolean. Called
+/// when a model directory is opened ([`crate::store::Model::open`]) and when a forward reads
+/// its config ([`crate::model::LlamaConfig::from_json`]), so a bad value is refused before it
+/// is copied into a merge's output. The error names the key and the value.
+pub fn check_config(config: &Value) -> std::result::Result<(), String> {
+    let present = |key: &str| config.get(key).filter(|v| !v.is_null());
+    let size = |key: &str, max: u64| -> std::result::Result<Option<u64>, String> {
+        let Some(v) = present(key) else {
+            return Ok(None);
+        };
+        match v.as_u64() {
+            Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(format!(
+                "`{key}` = {v} must be a positive integer (at most {max})"
+            )),
+        }
+    };
+    for key in LAYER_COUNT_KEYS
+        .iter()
+        .chain(&["n_embd", "d_model", "n_head", "n_inner", "head_dim"])
+    {
+        size(key, MAX_CONFIG_SIZE)?;
+    }
+    for key in ["max_position_embeddings", "n_positions"] {
+        size(key, MAX_CONFIG_POSITIONS)?;
+    }
+    size("vocab_size", MAX_CONFIG_SIZE)?;
+    // Some architectures give one intermediate size per layer.
+    if let Some(list) = present("intermediate_size").and_then(Value::as_array) {
+        if list.is_empty()
+            || list
+                .iter()
+                .any(|v| v.as_u64().is_none_or(|n| n == 0 || n > MAX_CONFIG_SIZE))
+        {
+            return Err(format!(
+                "`intermediate_size` = {} must be a positive integer (at most {MAX_CONFIG_SIZE}) \
+                 or a list of them",
+                present("intermediate_size").expect("present")
+            ));
+        }
+    } else {
+        size("intermediate_size", MAX_CONFIG_SIZE)?;
+    }
+    let hidden = size("hidden_size", MAX_CONFIG_SIZE)?;
+    let heads = size("num_attention_heads", MAX_CONFIG_SIZE)?;
+    let kv_heads = size("num_key_value_heads", MAX_CONFIG_SIZE)?;
+    if let (Some(h), Some(n)) = (hidden, heads)
+        && present("head_dim").is_none()
+        && !h.is_multiple_of(n)
+    {
+        return Err(format!(
+            "`num_attention_heads` = {n} does not divide `hidden_size` = {h} (and no `head_dim` \
+             is given)"
+        ));
+    }
+    if let (Some(n), Some(kv)) = (heads, kv_heads)
+        && !n.is_multiple_of(kv)
+    {
+        return Err(format!(
+            "`num_key_value_heads` = {kv} does not divide `num_attention_heads` = {n}"
+        ));
+    }
+    for key in ["rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"] {
+        if let Some(v) = present(key)
+            && !v.as_f64().is_some_and(|e| (0.0..=1.0).contains(&e))
+        {
+            return Err(format!("`{key}` = {v} must be a number in [0, 1]"));
+        }
+    }
+    if let Some(v) = present("rope_theta")
+        && !v.as_f64().is_some_and(|t| t > 0.0 && t.is_finite())
+    {
+        return Err(format!(
+            "`rope_theta` = {v} must be a positive finite number"
+        ));
+    }
+    if let Some(v) = present("tie_word_embeddings")
+        && !v.is_boolean()
+    {
+        return Err(format!("`tie_word_embeddings` = {v} must be true or false"));
+    }
+    Ok(())
+}
+
 /// The layer count from config.json, if it names one.
 pub fn layer_count(config: &Value) -> Option<usize> {
     let key = layer_count_key(config)?;

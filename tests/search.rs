@@ -221,7 +221,7 @@ fn ps_search_approaches_a_known_optimum() {
     // report: default merge on test = −3.92 − 0.5; evolved ≈ −0.5
     let report = evomerge::report::report(dir.path()).unwrap();
     assert!(
-        report.contains("| default merge | -4.420 | **-4.420** |"),
+        report.contains("| default merge | -442.0 | **-442.0** |"),
         "{report}"
     );
     assert!(report.contains("| evolved (PS) |"), "{report}");
@@ -976,4 +976,500 @@ slots = 2
         device.as_ref().map(|d| d.to_string()).as_deref(),
         Some("cuda:0")
     );
+}
+
+/// `load_str(MINIMAL with `from` replaced by `to`)`'s error text.
+fn refusal(from: &str, to: &str) -> String {
+    let text = MINIMAL.replace(from, to);
+    assert_ne!(text, MINIMAL, "`{from}` not in MINIMAL");
+    match load_str(&text) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_refused(from: &str, to: &str, want: &str) {
+    let e = refusal(from, to);
+    assert!(e.contains(want), "expected `{want}` in: {e}");
+    assert!(e.contains("/x/searches/t.toml"), "no file in: {e}");
+}
+
+// MINIMAL's lines: 8 `granularity`, 9 `[evaluator]`, 12 `[optimizer]`, 13 `generations = 3`.
+
+#[test]
+fn population_repeats_slots_and_budgets_are_bounded_with_key_and_line() {
+    let gen3 = "generations = 3";
+    assert_refused(
+        gen3,
+        "generations = 3\npopulation = 1000000000",
+        "line 14: optimizer.population = 1000000000 must be in 2..=10000",
+    );
+    assert_refused(
+        gen3,
+        "generations = 3\npopulation = 1",
+        "line 14: optimizer.population = 1 must be in 2..=10000",
+    );
+    assert_refused(
+        gen3,
+        "generations = 2000000",
+        "line 13: optimizer.generations = 2000000 must be in 1..=1000000",
+    );
+    assert_refused(
+        gen3,
+        "generations = 3\npopulation = 8\nmax_evaluations = 7",
+        "line 15: optimizer.max_evaluations = 7 must be in 8..=100000000",
+    );
+    assert_refused(
+        gen3,
+        "generations = 3\n[parallelism]\nslots = 5000",
+        "line 15: parallelism.slots = 5000 must be in 1..=1024",
+    );
+    assert_refused(
+        gen3,
+        "generations = 3\n[parallelism]\nslots = 0",
+        "line 15: parallelism.slots = 0 must be in 1..=1024",
+    );
+    let dfs = "kind = \"dfs\"\nrepeats = 1000000";
+    assert_refused(
+        "kind = \"ps\"\ngranularity = \"every:2\"",
+        dfs,
+        "line 8: space.repeats = 1000000 must be in 1..=16",
+    );
+    assert_refused(
+        "kind = \"ps\"\ngranularity = \"every:2\"",
+        "kind = \"dfs\"\nscale_range = [0.5, 1e300]",
+        "line 8: space.scale_range [0.5, 1e300] must lie within [-100, 100]",
+    );
+    assert_refused(
+        "kind = \"lm\"",
+        "kind = \"lm\"\nbatch_size = 100000000",
+        "line 11: evaluator.batch_size = 100000000 must be in 1..=65536",
+    );
+    // the bounds themselves are accepted
+    let edge = MINIMAL.replace(
+        gen3,
+        "generations = 1000000\npopulation = 10000\nsigma0 = 10.0\n[parallelism]\nslots = 1024",
+    );
+    load_str(&edge).unwrap();
+}
+
+#[test]
+fn generations_zero_is_refused() {
+    assert_refused(
+        "generations = 3",
+        "generations = 0",
+        "line 13: optimizer.generations = 0 must be in 1..=1000000",
+    );
+    assert_refused(
+        "generations = 3",
+        "max_evaluations = 0",
+        "line 13: optimizer.max_evaluations = 0 must be in 2..=100000000",
+    );
+}
+
+#[test]
+fn non_finite_or_huge_sigma0_and_defaults_are_refused_with_key_and_line() {
+    for (v, shown) in [
+        ("nan", "NaN"),
+        ("inf", "inf"),
+        ("1e308", "1e308"),
+        ("0.0", "0.0"),
+        ("-0.2", "-0.2"),
+    ] {
+        assert_refused(
+            "generations = 3",
+            &format!("generations = 3\nsigma0 = {v}"),
+            &format!("line 14: optimizer.sigma0 = {shown} must be > 0 and ≤ 10"),
+        );
+    }
+    let gran = "granularity = \"every:2\"";
+    assert_refused(
+        gran,
+        "granularity = \"every:2\"\ndefaults = { weight = nan }",
+        "line 9: space.defaults.weight = NaN is not a finite number",
+    );
+    assert_refused(
+        gran,
+        "granularity = \"every:2\"\ndefaults = { weight = -inf, density = 0.5 }",
+        "line 9: space.defaults.weight = -inf is not a finite number",
+    );
+    assert_refused(
+        gran,
+        "granularity = \"every:2\"\nranges = { density = [0.1, nan] }",
+        "line 9: space.ranges.density: [0.1, NaN] is not a range",
+    );
+    assert_refused(
+        "kind = \"ps\"\ngranularity = \"every:2\"",
+        "kind = \"dfs\"\nindicator_threshold = nan",
+        "line 8: space.indicator_threshold = NaN is not a finite number",
+    );
+}
+
+#[test]
+fn command_timeout_is_finite_and_at_most_30_days() {
+    let lm = "kind = \"lm\"\ntasks = [{ name = \"add\", path = \"../tasks/add\", metric = \"exact_match\" }]";
+    for (v, shown) in [
+        ("1e300", "1e300"),
+        ("nan", "NaN"),
+        ("inf", "inf"),
+        ("0", "0.0"),
+    ] {
+        assert_refused(
+            lm,
+            &format!(
+                "kind = \"command\"\ncommand = [\"sh\", \"s.sh\", \"{{recipe}}\"]\ntimeout_s = {v}"
+            ),
+            &format!("line 12: evaluator.timeout_s = {shown} must be > 0 and ≤ 2592000 (30 days)"),
+        );
+    }
+    let ok = MINIMAL.replace(
+        lm,
+        "kind = \"command\"\ncommand = [\"sh\", \"s.sh\", \"{recipe}\"]\ntimeout_s = 2592000",
+    );
+    load_str(&ok).unwrap();
+    // an unknown placeholder is refused when the file is read, not when the search starts
+    assert_refused(
+        lm,
+        "kind = \"command\"\ncommand = [\"sh\", \"{modeldir}\"]",
+        "line 11: evaluator.command: unknown placeholder `{modeldir}`",
+    );
+}
+
+#[test]
+fn every_evaluation_failed_prints_the_first_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = Quadratic::new();
+    q.fail_on = (0..1000).collect();
+    let s = ps_search(1, 2, Arc::new(q));
+    let e = s.run(dir.path(), &quiet()).unwrap_err().to_string();
+    assert!(e.contains("every evaluation failed (12 of 12)"), "{e}");
+    assert!(
+        e.contains("the first candidate's error: ") && e.contains("injected failure on call 0"),
+        "{e}"
+    );
+    assert!(!e.contains("call 1"), "{e}");
+    assert!(e.contains("history.jsonl"), "{e}");
+}
+
+#[test]
+fn report_on_an_unfinished_run_says_the_search_has_not_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ps_search(1, 4, Arc::new(Quadratic::new()));
+    let opts = RunOptions {
+        stop_after_evals: Some(8),
+        ..quiet()
+    };
+    assert!(s.run(dir.path(), &opts).unwrap().interrupted);
+    let e = evomerge::report::report(dir.path())
+        .unwrap_err()
+        .to_string();
+    let d = dir.path().display();
+    assert_eq!(
+        e,
+        format!(
+            "search: {d}: the search has not finished (no report.json yet); run `evomerge \
+             resume {d}` to finish it and write the report"
+        )
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let e = evomerge::report::report(&empty).unwrap_err().to_string();
+    assert!(e.contains("not a search's output directory"), "{e}");
+    let e = evomerge::report::report(&dir.path().join("missing"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no such directory"), "{e}");
+}
+
+/// Two synthetic families: `n` layers and hidden `hidden`.
+fn family_with(dir: &Path, layers: usize, hidden: usize) -> Vec<std::path::PathBuf> {
+    let spec = evomerge::synth::LlamaSpec {
+        layers,
+        hidden,
+        ..evomerge::synth::LlamaSpec::tiny()
+    };
+    evomerge::synth::write_family(&dir.join(format!("fam{layers}x{hidden}")), &spec, 1, 5).unwrap()
+}
+
+#[test]
+fn ps_search_refuses_models_of_different_layer_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = family_with(dir.path(), 2, 16);
+    let three = family_with(dir.path(), 3, 16);
+    let toml = format!(
+        r#"
+name = "ps"
+models = [{:?}, {:?}]
+base_model = {:?}
+method = "ties"
+[space]
+kind = "ps"
+[evaluator]
+kind = "lm"
+tasks = []
+[optimizer]
+generations = 1
+"#,
+        two[1], three[1], two[0]
+    );
+    let def = SearchDef::from_toml(&toml, dir.path(), &dir.path().join("ps.toml")).unwrap();
+    let eval = Arc::new(Quadratic::new());
+    let e = Search::prepare_with(&def, eval.clone(), &quiet())
+        .err()
+        .expect("different layer counts accepted")
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "`{}` has 3 layers but `{}` has 2",
+            three[1].display(),
+            two[0].display()
+        )),
+        "{e}"
+    );
+    assert!(e.contains("needs equal layer counts"), "{e}");
+    // equal counts are fine
+    let same = toml.replace(&format!("{:?}", three[1]), &format!("{:?}", two[0]));
+    let def = SearchDef::from_toml(&same, dir.path(), &dir.path().join("ps.toml")).unwrap();
+    assert!(Search::prepare_with(&def, eval, &quiet()).is_ok());
+}
+
+/// Decision: a DFS route may run layers of models of different depth (each hop runs a layer of
+/// its own model), so such a pool is accepted; models of different hidden size cannot pass the
+/// hidden state between them and are refused up front.
+#[test]
+fn dfs_search_accepts_models_of_different_depth_but_not_width() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = family_with(dir.path(), 2, 16);
+    let three = family_with(dir.path(), 3, 16);
+    let wide = family_with(dir.path(), 2, 32);
+    let toml = |a: &Path, b: &Path| {
+        format!(
+            r#"
+name = "dfs"
+models = [{a:?}, {b:?}]
+[space]
+kind = "dfs"
+repeats = 1
+[evaluator]
+kind = "lm"
+tasks = []
+[optimizer]
+generations = 1
+"#
+        )
+    };
+    let eval = Arc::new(Quadratic::new());
+    let def = SearchDef::from_toml(
+        &toml(&two[1], &three[1]),
+        dir.path(),
+        &dir.path().join("d.toml"),
+    )
+    .unwrap();
+    let s = Search::prepare_with(&def, eval.clone(), &quiet()).unwrap();
+    let Space::Dfs(space) = &s.space else {
+        panic!()
+    };
+    assert_eq!(space.layers, vec![2, 3]);
+    let def = SearchDef::from_toml(
+        &toml(&two[1], &wide[1]),
+        dir.path(),
+        &dir.path().join("d.toml"),
+    )
+    .unwrap();
+    let e = Search::prepare_with(&def, eval, &quiet())
+        .err()
+        .expect("different widths accepted")
+        .to_string();
+    assert!(e.contains("has hidden_size 32 but"), "{e}");
+}
+
+/// The fenced TOML blocks of README.md's section that starts with `heading` (up to the next
+/// heading of the same or a higher level).
+fn readme_toml_blocks(heading: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let level = heading.chars().take_while(|c| *c == '#').count();
+    let mut lines = readme.lines().skip_while(|l| l.trim() != heading);
+    assert!(lines.next().is_some(), "README has no `{heading}`");
+    let mut blocks = Vec::new();
+    let mut block: Option<String> = None;
+    let mut other_fence = false;
+    for line in lines {
+        let fence = line.trim_start().starts_with("```");
+        if let Some(b) = block.as_mut() {
+            if fence {
+                blocks.push(block.take().unwrap());
+            } else {
+                b.push_str(line);
+                b.push('\n');
+            }
+            continue;
+        }
+        if other_fence {
+            other_fence = !fence;
+            continue;
+        }
+        let hashes = line.chars().take_while(|c| *c == '#').count();
+        if hashes > 0 && hashes <= level && line[hashes..].starts_with(' ') {
+            break;
+        }
+        if line.trim() == "```toml" {
+            block = Some(String::new());
+        } else if fence {
+            other_fence = true;
+        }
+    }
+    blocks
+}
+
+/// The README's search-file example parses, validates and builds its PS space against the
+/// method's current declarations (so it narrows, never widens, a declared range); its command
+/// evaluator examples, put in the place of its `[evaluator]` section, parse and validate too.
+/// Paths need not exist: nothing here opens them.
+#[test]
+fn readme_search_file_and_command_evaluator_examples_parse_and_validate() {
+    let search = readme_toml_blocks("## Search files");
+    assert_eq!(search.len(), 1, "{search:?}");
+    let example = &search[0];
+    let d = load_str(example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+    let SpaceDef::Ps(ps) = &d.space else {
+        panic!("the example is a PS search")
+    };
+    let method = evomerge::merge::method(d.method.as_deref().unwrap()).unwrap();
+    let info = PsModels {
+        method: method.name().into(),
+        decls: method.params().to_vec(),
+        models: vec!["a".into(), "b".into()],
+        base: Some("base".into()),
+        n_layers: 4,
+        pre_tensors: vec!["model.embed_tokens.weight".into()],
+        post_tensors: vec!["lm_head.weight".into()],
+    };
+    PsSpace::new(info, ps).unwrap_or_else(|e| panic!("{e}"));
+
+    let start = example.find("[evaluator]").unwrap();
+    let end = start + example[start..].find("\n[optimizer]").unwrap();
+    let commands = readme_toml_blocks("### External command (`command`)");
+    assert!(commands.len() >= 2, "{commands:?}");
+    for block in &commands {
+        assert!(block.starts_with("[evaluator]"), "{block}");
+        let text = format!("{}{block}{}", &example[..start], &example[end..]);
+        let d = load_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let EvaluatorDef::Command { spec, .. } = &d.evaluator else {
+            panic!("not a command evaluator:\n{block}")
+        };
+        evomerge::eval::command::CommandEvaluator::try_new(spec.clone()).unwrap();
+    }
+}
+
+/// Rewrites every other PS candidate's recipe to `lambda: 1e300` (a non-finite merge).
+struct Blowup {
+    inner: Arc<dyn CandidateBuilder>,
+    calls: AtomicUsize,
+}
+
+impl CandidateBuilder for Blowup {
+    fn build(&self, decoded: &Decoded) -> evomerge::Result<Candidate> {
+        if self.calls.fetch_add(1, Ordering::SeqCst) % 2 == 1
+            && let Decoded::Recipe(yaml) = decoded
+        {
+            let mut r = evomerge::search::run::parse_recipe(yaml)?;
+            r.parameters.insert(
+                "lambda".into(),
+                evomerge::recipe::ParamSetting::number(1e300),
+            );
+            return self.inner.build(&Decoded::Recipe(r.to_yaml()));
+        }
+        self.inner.build(decoded)
+    }
+}
+
+/// Issue 13: a candidate whose merge produces non-finite weights is a logged, penalised failed
+/// candidate naming the tensor, not the end of the search.
+#[test]
+fn nonfinite_candidate_is_a_logged_failure_not_the_end_of_the_search() {
+    let dir = tempfile::tempdir().unwrap();
+    let fam = family(dir.path());
+    let toml = format!(
+        r#"
+name = "ps"
+models = [{:?}, {:?}]
+base_model = {:?}
+method = "ties"
+output = "out"
+[space]
+kind = "ps"
+granularity = "whole"
+embeddings = false
+params = ["weight", "density"]
+[evaluator]
+kind = "lm"
+tasks = []
+[optimizer]
+population = 4
+generations = 2
+seed = 3
+[parallelism]
+slots = 1
+"#,
+        fam[1], fam[2], fam[0]
+    );
+    let def = SearchDef::from_toml(&toml, dir.path(), &dir.path().join("ps.toml")).unwrap();
+    let mem = evomerge::synth::mem_family(&evomerge::synth::LlamaSpec::tiny(), 2, 5);
+    let eval = Arc::new(evomerge::eval::double::TargetDistance::new(Arc::new(
+        mem[1].clone(),
+    )));
+    let opts = RunOptions {
+        report: false,
+        ..quiet()
+    };
+    let mut s = Search::prepare_with(&def, eval, &opts).unwrap();
+    s.builder = Arc::new(Blowup {
+        inner: s.builder.clone(),
+        calls: AtomicUsize::new(0),
+    });
+    let out = def.output_dir();
+    let sum = s.run(&out, &opts).unwrap();
+    assert!(!sum.interrupted);
+    assert_eq!(sum.evaluated, 8);
+    assert_eq!(sum.failures, 4);
+    let records = history::load(&out).unwrap();
+    assert_eq!(records.len(), 8);
+    for r in records.iter().filter(|r| r.error.is_some()) {
+        let e = r.error.as_deref().unwrap();
+        assert!(r.fitness.is_none());
+        assert!(
+            e.starts_with("building the candidate: tensor `")
+                && e.contains("the merge produced a non-finite value"),
+            "{e}"
+        );
+    }
+    assert!(sum.best.fitness.is_some_and(f64::is_finite));
+    assert!(out.join("best_recipe.yaml").exists());
+}
+
+#[test]
+fn report_md_carries_the_search_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut q = Quadratic::new();
+    q.fail_on = vec![1, 4];
+    let s = ps_search(1, 3, Arc::new(q));
+    let sum = s.run(dir.path(), &quiet()).unwrap();
+    assert_eq!(sum.failures, 2);
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    let best = sum.best.fitness.unwrap();
+    assert!(
+        md.contains(&format!("- best dev fitness: {:.1}", best * 100.0)),
+        "{md}"
+    );
+    assert!(md.contains("- evaluations: 18 (2 failed)"), "{md}");
+    assert!(md.contains("- generations: 3"), "{md}");
+    assert!(md.contains("- wall time: "), "{md}");
+    assert!(md.contains("- result: `best_recipe.yaml`"), "{md}");
+    // `report` prints the same, scores in % as `eval` shows them
+    let printed = evomerge::report::report(dir.path()).unwrap();
+    assert_eq!(printed, md);
+    assert!(printed.contains("Accuracy and fitness in %"), "{printed}");
+    let saved = evomerge::report::load(dir.path()).unwrap();
+    assert_eq!(saved.summary.unwrap().evaluations, 18);
 }

@@ -288,6 +288,99 @@ fn overlapping_offsets_are_reported() {
     assert!(s.contains("overlap tensor `a` at [0, 8]"), "{s}");
 }
 
+/// Issue 13: tensors must tile the data region exactly, as the reference `safetensors` crate
+/// requires. A header length lowered by 1 (into the header's space padding) used to be accepted,
+/// every tensor then read one byte off; gaps and trailing bytes were accepted too.
+#[test]
+fn safetensors_tensors_must_tile_the_data_region_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A valid file written by the writer (header padded with spaces), header length lowered by 1.
+    let dir = write_small(&tmp.path().join("w"), DType::F32, &WriteConfig::default());
+    Model::open(&dir).unwrap();
+    let path = dir.join("model.safetensors");
+    let mut bytes = fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    assert_eq!(
+        bytes[8 + n as usize - 1],
+        b' ',
+        "the writer pads its header"
+    );
+    bytes[..8].copy_from_slice(&(n - 1).to_le_bytes());
+    fs::write(&path, &bytes).unwrap();
+    let (e, s) = open_err(&dir);
+    assert!(
+        matches!(e, Error::BadTensor { ref tensor, .. } if tensor == "b.bias"),
+        "{s}"
+    );
+    assert!(
+        s.contains("model.safetensors: tensor `b.bias`: data_offsets [16, 28]")
+            && s.contains(
+                "end the last tensor, but the data region holds 29 bytes: 1 trailing bytes"
+            )
+            && s.contains("tensors must cover the data region exactly"),
+        "{s}"
+    );
+
+    // A gap between two tensors.
+    let dir = raw_model(
+        &tmp.path().join("gap"),
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}}"#,
+        &[0; 16],
+    );
+    let (e, s) = open_err(&dir);
+    assert!(
+        matches!(e, Error::BadTensor { ref tensor, .. } if tensor == "b"),
+        "{s}"
+    );
+    assert!(
+        s.contains(
+            "tensor `b`: data_offsets [12, 16] leave a gap of 4 bytes after tensor `a`, which \
+             ends at 8 (tensors must cover the data region exactly)"
+        ),
+        "{s}"
+    );
+
+    // A gap at the start.
+    let dir = raw_model(
+        &tmp.path().join("lead"),
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+        &[0; 8],
+    );
+    let (_, s) = open_err(&dir);
+    assert!(
+        s.contains("tensor `a`: data_offsets [4, 8] leave a gap of 4 bytes at the start"),
+        "{s}"
+    );
+
+    // Trailing bytes after the last tensor.
+    let dir = raw_model(
+        &tmp.path().join("trail"),
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+        &[0; 11],
+    );
+    let (e, s) = open_err(&dir);
+    assert!(
+        matches!(e, Error::BadTensor { ref tensor, .. } if tensor == "a"),
+        "{s}"
+    );
+    assert!(
+        s.contains(
+            "tensor `a`: data_offsets [0, 8] end the last tensor, but the data region holds 11 \
+             bytes: 3 trailing bytes (tensors must cover the data region exactly; header length \
+             wrong?)"
+        ),
+        "{s}"
+    );
+    // No tensors at all, but data.
+    let dir = raw_model(&tmp.path().join("empty"), "{}", &[0; 4]);
+    let (e, s) = open_err(&dir);
+    assert!(matches!(e, Error::Safetensors { .. }), "{s}");
+    assert!(
+        s.contains("lists no tensors but 4 data bytes follow it"),
+        "{s}"
+    );
+}
+
 #[test]
 fn byte_length_must_match_shape_and_dtype() {
     let tmp = tempfile::tempdir().unwrap();
@@ -387,6 +480,69 @@ fn index_naming_a_tensor_absent_from_its_shard_is_reported() {
         s.contains(&other) && s.contains("has no such tensor"),
         "{s}"
     );
+}
+
+/// Issue 13 (found by tests/fuzz.rs): an index whose weight map drops a tensor was accepted,
+/// and the model silently lacked it. A shard holding a tensor the index does not place there,
+/// a shard of the `model-i-of-n` series the index never names, and an empty weight map are
+/// refused.
+#[test]
+fn sharded_index_that_omits_a_tensor_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = sharded_model(tmp.path());
+    let index_path = dir.join("model.safetensors.index.json");
+    let original = fs::read_to_string(&index_path).unwrap();
+    let index: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    let mut per_shard: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (t, f) in map {
+        per_shard.entry(f.as_str().unwrap()).or_default().push(t);
+    }
+    let write = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut index = index.clone();
+        edit(index["weight_map"].as_object_mut().unwrap());
+        fs::write(&index_path, index.to_string()).unwrap();
+    };
+
+    // A tensor dropped from a shard that holds others.
+    let (shard, names) = per_shard.iter().find(|(_, n)| n.len() >= 2).unwrap();
+    let dropped = names[0].to_string();
+    write(&|m| {
+        m.remove(&dropped);
+    });
+    let (e, s) = open_err(&dir);
+    assert!(
+        matches!(e, Error::BadTensor { ref tensor, .. } if *tensor == dropped),
+        "{s}"
+    );
+    assert!(
+        s.contains(shard)
+            && s.contains("held by this shard, but")
+            && s.contains("does not list it"),
+        "{s}"
+    );
+
+    // Every tensor of one shard dropped: that shard is never named.
+    let (shard, names) = per_shard.iter().nth(1).unwrap();
+    write(&|m| {
+        for n in names {
+            m.remove(*n);
+        }
+    });
+    let (e, s) = open_err(&dir);
+    assert!(matches!(e, Error::Config { .. }), "{s}");
+    assert!(
+        s.contains("names no tensor in shard 2 of") && s.contains(&shard[..]),
+        "{s}"
+    );
+
+    // An empty weight map.
+    write(&|m| m.clear());
+    let (_, s) = open_err(&dir);
+    assert!(s.contains("`weight_map` lists no tensors"), "{s}");
+
+    fs::write(&index_path, original).unwrap();
+    assert_eq!(Model::open(&dir).unwrap().tensors().len(), map.len());
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod decode;
 mod digits;
 mod eval;
 mod finetune;
+mod fuzz;
 mod gguf;
 mod lora;
 mod merge;

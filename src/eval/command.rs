@@ -35,8 +35,12 @@
 //! [`EvalError::NotFinite`]. Each carries the tail of the child's stderr (at most
 //! `max_stderr_bytes`).
 //!
+//! `timeout_s` (default 3600) must be a finite number of seconds, above 0 and at most
+//! [`MAX_TIMEOUT_S`] (30 days); `max_stderr_bytes` (default 64 KiB) at most [`MAX_STDERR_BYTES`].
+//!
 //! ```toml
 //! [evaluator]
+//! kind = "command"
 //! command = ["python", "scripts/lm_eval_json.py", "{model_dir}", "{split}", "{work_dir}"]
 //! timeout_s = 3600
 //! metric = "primary"
@@ -66,6 +70,12 @@ pub const PLACEHOLDERS: [&str; 4] = ["recipe", "model_dir", "split", "work_dir"]
 fn default_timeout() -> f64 {
     3600.0
 }
+
+/// The longest `timeout_s` accepted: 30 days.
+pub const MAX_TIMEOUT_S: f64 = 30.0 * 24.0 * 3600.0;
+
+/// The largest `max_stderr_bytes` accepted: 64 MiB.
+pub const MAX_STDERR_BYTES: usize = 64 << 20;
 
 fn default_true() -> bool {
     true
@@ -128,6 +138,53 @@ impl CommandSpec {
             max_stderr_bytes: default_stderr_limit(),
         }
     }
+
+    /// A non-empty command, only known placeholders, `0 < timeout_s ≤` [`MAX_TIMEOUT_S`],
+    /// `max_stderr_bytes ≤` [`MAX_STDERR_BYTES`]. The error is the offending key and a message
+    /// that starts with it.
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err(("command", "command is empty".into()));
+        }
+        if !(self.timeout_s.is_finite() && self.timeout_s > 0.0 && self.timeout_s <= MAX_TIMEOUT_S)
+        {
+            return Err((
+                "timeout_s",
+                format!(
+                    "timeout_s = {:?} must be > 0 and ≤ {MAX_TIMEOUT_S} (30 days)",
+                    self.timeout_s
+                ),
+            ));
+        }
+        if self.max_stderr_bytes > MAX_STDERR_BYTES {
+            return Err((
+                "max_stderr_bytes",
+                format!(
+                    "max_stderr_bytes = {} must be ≤ {MAX_STDERR_BYTES} (64 MiB)",
+                    self.max_stderr_bytes
+                ),
+            ));
+        }
+        for s in self.command.iter().chain(self.env.values()) {
+            for p in placeholders_in(s) {
+                if !PLACEHOLDERS.contains(&p) {
+                    let key = if self.command.contains(s) {
+                        "command"
+                    } else {
+                        "env"
+                    };
+                    return Err((
+                        key,
+                        format!(
+                            "{key}: unknown placeholder `{{{p}}}` in {s:?} (known: {})",
+                            PLACEHOLDERS.map(|p| format!("{{{p}}}")).join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs an external program per candidate; see the module docs for the protocol.
@@ -137,28 +194,10 @@ pub struct CommandEvaluator {
 }
 
 impl CommandEvaluator {
-    /// Validate `spec`: a non-empty command, a positive timeout, only known placeholders.
+    /// Validate `spec` (see [`CommandSpec::check`]).
     pub fn try_new(spec: CommandSpec) -> Result<Self> {
-        let bad = |msg: String| Error::Eval(format!("command evaluator: {msg}"));
-        if spec.command.is_empty() || spec.command[0].is_empty() {
-            return Err(bad("`command` is empty".into()));
-        }
-        if !(spec.timeout_s.is_finite() && spec.timeout_s > 0.0) {
-            return Err(bad(format!(
-                "`timeout_s` must be positive, got {}",
-                spec.timeout_s
-            )));
-        }
-        for s in spec.command.iter().chain(spec.env.values()) {
-            for p in placeholders_in(s) {
-                if !PLACEHOLDERS.contains(&p) {
-                    return Err(bad(format!(
-                        "unknown placeholder `{{{p}}}` in {s:?} (known: {})",
-                        PLACEHOLDERS.map(|p| format!("{{{p}}}")).join(", ")
-                    )));
-                }
-            }
-        }
+        spec.check()
+            .map_err(|(_, msg)| Error::Eval(format!("command evaluator: {msg}")))?;
         let name = Path::new(&spec.command[0])
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -295,7 +334,7 @@ impl CommandEvaluator {
         let out = run_with_timeout(
             cmd,
             &argv[0],
-            Duration::from_secs_f64(self.spec.timeout_s),
+            Duration::try_from_secs_f64(self.spec.timeout_s).unwrap_or(Duration::MAX),
             self.spec.max_stderr_bytes,
         )?;
         match out.status {
@@ -645,6 +684,35 @@ fn run_with_timeout(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeout_s_is_finite_and_at_most_30_days() {
+        for t in [
+            1e300,
+            f64::INFINITY,
+            f64::NAN,
+            0.0,
+            -1.0,
+            MAX_TIMEOUT_S * 1.01,
+        ] {
+            let mut spec = CommandSpec::new(["sh", "-c", "true"]);
+            spec.timeout_s = t;
+            let e = CommandEvaluator::try_new(spec).err().unwrap().to_string();
+            assert!(
+                e.contains(&format!(
+                    "timeout_s = {t:?} must be > 0 and ≤ 2592000 (30 days)"
+                )),
+                "{e}"
+            );
+        }
+        let mut spec = CommandSpec::new(["sh", "-c", "true"]);
+        spec.timeout_s = MAX_TIMEOUT_S;
+        assert!(CommandEvaluator::try_new(spec).is_ok());
+        let mut spec = CommandSpec::new(["sh", "-c", "true"]);
+        spec.max_stderr_bytes = MAX_STDERR_BYTES + 1;
+        let e = CommandEvaluator::try_new(spec).err().unwrap().to_string();
+        assert!(e.contains("max_stderr_bytes"), "{e}");
+    }
 
     #[test]
     fn finds_placeholders() {

@@ -52,6 +52,10 @@ pub struct MergeOptions {
     pub progress: bool,
     /// Tensor bytes (inputs + output, as f32) allowed in flight at once.
     pub in_flight_bytes: usize,
+    /// Write non-finite values (NaN, ±inf, or values too large for the output dtype) instead of
+    /// failing. By default a merge that produces one fails with an error naming the tensor
+    /// (`evomerge merge --allow-nonfinite` sets this).
+    pub allow_nonfinite: bool,
 }
 
 impl Default for MergeOptions {
@@ -62,6 +66,7 @@ impl Default for MergeOptions {
             max_shard_size: 5_000_000_000,
             progress: false,
             in_flight_bytes: 512 << 20,
+            allow_nonfinite: false,
         }
     }
 }
@@ -167,6 +172,58 @@ impl Sink for MemSink {
         }
         buf.write_range(start, values);
         Ok(())
+    }
+}
+
+/// Refuses non-finite merged values before they reach the inner sink: NaN, ±inf, or a finite
+/// `f32` that becomes infinite in the output dtype (e.g. above 65504 in `f16`). The error names
+/// the tensor, the first bad element and its value.
+struct FiniteSink<'a> {
+    inner: &'a dyn Sink,
+    dtype: DType,
+}
+
+impl FiniteSink<'_> {
+    fn check(&self, tensor: &PlannedTensor, start: usize, values: &[f32]) -> Result<()> {
+        let stored_finite = |v: f32| match self.dtype {
+            DType::F32 => v.is_finite(),
+            DType::F16 => half::f16::from_f32(v).is_finite(),
+            DType::BF16 => half::bf16::from_f32(v).is_finite(),
+        };
+        match values.iter().position(|&v| !stored_finite(v)) {
+            None => Ok(()),
+            Some(i) => Err(Error::Tensor {
+                tensor: tensor.name.clone(),
+                msg: format!(
+                    "the merge produced a non-finite value ({} at element {}{}): check the \
+                     recipe's weights and lambda, or pass --allow-nonfinite (MergeOptions::\
+                     allow_nonfinite) to write it anyway",
+                    values[i],
+                    start + i,
+                    if values[i].is_finite() {
+                        format!(", infinite in {}", self.dtype)
+                    } else {
+                        String::new()
+                    }
+                ),
+            }),
+        }
+    }
+}
+
+impl Sink for FiniteSink<'_> {
+    fn put(&self, tensor: &PlannedTensor, values: Vec<f32>) -> Result<()> {
+        self.check(tensor, 0, &values)?;
+        self.inner.put(tensor, values)
+    }
+
+    fn takes_ranges(&self) -> bool {
+        self.inner.takes_ranges()
+    }
+
+    fn put_range(&self, tensor: &PlannedTensor, start: usize, values: &[f32]) -> Result<()> {
+        self.check(tensor, start, values)?;
+        self.inner.put_range(tensor, start, values)
     }
 }
 
@@ -534,7 +591,9 @@ fn progress_bar(len: usize, show: bool) -> ProgressBar {
 }
 
 /// Merge `recipe` into memory (the search's candidates). Models are taken from (or opened into)
-/// `models`, so repeated candidates reuse the same memory maps. Nothing touches the disk. Each
+/// `models`, so repeated candidates reuse the same memory maps. Nothing touches the disk. A
+/// non-finite merged value is an error naming the tensor (a search logs it as a failed
+/// candidate). Each
 /// tensor is held in the plan's output dtype (bf16 inputs, or `out_dtype: bfloat16`, give a
 /// bf16 model: half the memory of `f32`); the math runs in `f32` a chunk or a tensor at a time.
 pub fn merge_in_memory(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> Result<MemModel> {
@@ -545,7 +604,10 @@ pub fn merge_in_memory(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> Res
         models,
         seed,
         MergeOptions::default().in_flight_bytes,
-        &sink,
+        &FiniteSink {
+            inner: &sink,
+            dtype: plan.out_dtype,
+        },
         &ProgressBar::hidden(),
     )?;
     Ok(MemModel {
@@ -585,12 +647,21 @@ pub fn merge_to_disk(
         },
     )?;
     let bar = progress_bar(plan.tensors.len(), options.progress);
+    let checked = FiniteSink {
+        inner: &writer,
+        dtype: plan.out_dtype,
+    };
+    let sink: &dyn Sink = if options.allow_nonfinite {
+        &writer
+    } else {
+        &checked
+    };
     execute(
         &plan,
         models,
         options.seed,
         options.in_flight_bytes,
-        &writer,
+        sink,
         &bar,
     )?;
     bar.finish_and_clear();

@@ -180,6 +180,7 @@ impl LlamaConfig {
     /// `num_key_value_heads` = `num_attention_heads`, `rms_norm_eps` = 1e-6, `rope_theta` = 1e4,
     /// `tie_word_embeddings` = false, `head_dim` = hidden / heads.
     pub fn from_json(v: &Value) -> Result<Self> {
+        crate::arch::check_config(v).map_err(cfg_err)?;
         let hidden_size = get_usize(v, "hidden_size")?;
         let num_attention_heads = get_usize(v, "num_attention_heads")?;
         let num_key_value_heads = match v.get("num_key_value_heads") {

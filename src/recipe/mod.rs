@@ -20,7 +20,9 @@
 //! [`Recipe::to_yaml`] writes back; [`ModelRef::path`] is the resolved path the planner opens.
 //! mergekit's `BASE+ADAPTER` (a PEFT LoRA adapter folded into its base as it is read; see
 //! [`crate::store::lora`]) resolves both sides against the recipe's directory. Hugging Face hub
-//! ids are not fetched: every model is a local directory (or a model registered in a
+//! ids (`owner/name`, when no such path exists) are never downloaded: they are read from the
+//! local Hugging Face cache ([`crate::store::hub`]), and one that is not cached is an error
+//! saying so; every other model is a local directory (or a model registered in a
 //! [`crate::store::ModelSet`] under that path).
 //!
 //! **Validation** against a method's declared parameters is [`Recipe::validate`]; per-tensor
@@ -159,6 +161,16 @@ impl Recipe {
     /// to resolve relative model paths. Unknown keys and YAML syntax errors give the line.
     #[allow(clippy::should_implement_trait)]
     pub fn from_str(text: &str, path: Option<&Path>) -> Result<Recipe> {
+        if let Some(line) = nesting_too_deep(text) {
+            return Err(Error::Recipe {
+                path: path.map(Path::to_path_buf),
+                line: Some(line),
+                msg: format!(
+                    "YAML nested more than {MAX_YAML_DEPTH} levels deep (block indentation and \
+                     flow brackets together); a recipe needs a handful"
+                ),
+            });
+        }
         let raw: RawRecipe = yaml_serde::from_str(text).map_err(|e| yaml_error(e, path))?;
         let base_dir = path.map(|p| match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -212,6 +224,215 @@ impl Recipe {
         }
         out
     }
+
+    /// The recipe with every model named relative to `dir` (where it is about to be written),
+    /// so that a directory moved together with its inputs still merges: each side of
+    /// `BASE+ADAPTER` is made relative, a model in the Hugging Face cache is named by its hub id
+    /// ([`crate::store::hub::hub_id_of`]), and a name that is not an absolute path stays as
+    /// written. The resolved paths are kept, so the recipe still merges from here.
+    pub fn relative_to(&self, dir: &Path) -> Recipe {
+        let mut r = self.clone();
+        let fix = |m: &mut ModelRef| m.name = relative_ref(&m.path, &m.name, dir);
+        if let Some(b) = r.base_model.as_mut() {
+            fix(b);
+        }
+        match &mut r.inputs {
+            Inputs::Models(ms) => ms.iter_mut().for_each(|m| fix(&mut m.model)),
+            Inputs::Slices(ss) => {
+                for s in ss {
+                    if let Some(b) = s.base_model.as_mut() {
+                        fix(b);
+                    }
+                    s.sources.iter_mut().for_each(|x| fix(&mut x.model));
+                }
+            }
+        }
+        if let Some(TokenizerSource::Model(m)) = r.tokenizer_source.as_mut() {
+            fix(m);
+        }
+        r
+    }
+}
+
+/// A resolved model reference (`path`, written `name`) as a file in `dir` should name it: see
+/// [`Recipe::relative_to`].
+pub fn relative_ref(path: &Path, name: &str, dir: &Path) -> String {
+    let one = |p: &Path| -> Option<String> {
+        if let Some(id) = crate::store::hub::hub_id_of(p) {
+            return Some(id);
+        }
+        if p.is_relative() {
+            return None;
+        }
+        Some(relative_path(p, dir).to_string_lossy().into_owned())
+    };
+    match crate::store::lora::parse_ref(path) {
+        Ok(crate::store::lora::ModelRefKind::Plain(p)) => one(&p),
+        Ok(crate::store::lora::ModelRefKind::Lora { base, adapter }) => one(&base)
+            .zip(one(&adapter))
+            .map(|(b, a)| format!("{b}+{a}")),
+        Err(_) => None,
+    }
+    .unwrap_or_else(|| name.to_string())
+}
+
+/// `path` relative to the directory `dir` (both made absolute and canonical where they exist):
+/// `../../assets/toy/add`. `path` itself when they share no root.
+pub fn relative_path(path: &Path, dir: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = |p: &Path| {
+        std::fs::canonicalize(p)
+            .unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+    };
+    let (path, dir) = (abs(path), abs(dir));
+    let (pc, dc): (Vec<Component>, Vec<Component>) =
+        (path.components().collect(), dir.components().collect());
+    if pc.first() != dc.first() {
+        return path;
+    }
+    let common = pc.iter().zip(&dc).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..dc.len() {
+        out.push("..");
+    }
+    for c in &pc[common..] {
+        out.push(c.as_os_str());
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+/// The deepest nesting a recipe may have: block levels (indentation, and each compact `- ` on
+/// a line) plus open flow brackets (`[`, `{`). Recipes need about a dozen; the limit refuses
+/// hostile input (100k nested `[`) at once, before the YAML parser spends seconds on it.
+pub const MAX_YAML_DEPTH: usize = 64;
+
+/// The 1-based line where `text` first nests deeper than [`MAX_YAML_DEPTH`], if it does. A
+/// linear scan that knows just enough YAML not to count brackets inside quoted scalars, block
+/// scalars (`|`, `>`: e.g. a Jinja `chat_template`), comments, or plain scalars (`a[0]`).
+fn nesting_too_deep(text: &str) -> Option<usize> {
+    let mut flow = 0usize;
+    // Columns of the open block levels.
+    let mut block: Vec<usize> = Vec::new();
+    // An open quoted scalar (it may span lines).
+    let mut quote: Option<u8> = None;
+    // Inside a block scalar: lines indented more than this column are its content.
+    let mut block_scalar: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let bytes = line.as_bytes();
+        let indent = bytes.iter().take_while(|&&b| b == b' ').count();
+        let blank = bytes[indent..].iter().all(u8::is_ascii_whitespace);
+        if let Some(parent) = block_scalar {
+            if blank || indent > parent {
+                continue;
+            }
+            block_scalar = None;
+        }
+        if blank {
+            continue;
+        }
+        let mut i = indent;
+        let in_block = quote.is_none() && flow == 0;
+        let mut levels_here = 0;
+        if in_block {
+            if bytes[i] == b'#' {
+                continue;
+            }
+            while block.last().is_some_and(|&c| c >= indent) {
+                block.pop();
+            }
+            loop {
+                block.push(i);
+                levels_here += 1;
+                let indicator = matches!(bytes[i], b'-' | b'?')
+                    && bytes.get(i + 1).is_none_or(|b| b.is_ascii_whitespace());
+                if !indicator {
+                    break;
+                }
+                i += 1;
+                while i < bytes.len() && bytes[i].is_ascii_whitespace() {
+                    i += 1;
+                }
+                if i >= bytes.len() {
+                    break;
+                }
+            }
+            if block.len() > MAX_YAML_DEPTH {
+                return Some(n + 1);
+            }
+        }
+        let mut prev: Option<u8> = None;
+        let mut last_token = i;
+        while i < bytes.len() {
+            let b = bytes[i];
+            let token_start = match prev {
+                None => true,
+                Some(p) => p.is_ascii_whitespace() || (flow > 0 && matches!(p, b'[' | b'{' | b',')),
+            };
+            match quote {
+                Some(b'\'') => {
+                    if b == b'\'' {
+                        if bytes.get(i + 1) == Some(&b'\'') {
+                            i += 1;
+                        } else {
+                            quote = None;
+                        }
+                    }
+                }
+                Some(_) => {
+                    if b == b'\\' {
+                        i += 1;
+                    } else if b == b'"' {
+                        quote = None;
+                    }
+                }
+                None => {
+                    if token_start && !b.is_ascii_whitespace() {
+                        last_token = i;
+                    }
+                    match b {
+                        b'#' if prev.is_none_or(|p| p.is_ascii_whitespace()) => break,
+                        b'\'' | b'"' if token_start => quote = Some(b),
+                        b'[' | b'{' if token_start => {
+                            flow += 1;
+                            if block.len() + flow > MAX_YAML_DEPTH {
+                                return Some(n + 1);
+                            }
+                        }
+                        b']' | b'}' if flow > 0 => flow -= 1,
+                        _ => {}
+                    }
+                }
+            }
+            prev = bytes.get(i).copied();
+            i += 1;
+        }
+        // A block scalar header (`|`, `>-`, `|2+` ...) ends the line: its content follows,
+        // indented more than the node that holds it.
+        if in_block && quote.is_none() && flow == 0 {
+            let token = line[last_token..]
+                .split('#')
+                .next()
+                .unwrap_or("")
+                .trim_end();
+            let header = token.starts_with(['|', '>'])
+                && token[1..]
+                    .bytes()
+                    .all(|c| c.is_ascii_digit() || c == b'+' || c == b'-');
+            if header {
+                let top = block.len() - 1;
+                let parent = if block[top] == last_token && levels_here > 1 {
+                    block[top - 1]
+                } else {
+                    block[top]
+                };
+                block_scalar = Some(parent);
+            }
+        }
+    }
+    None
 }
 
 /// Turn a yaml_serde error into [`Error::Recipe`] with the line, without repeating it in the text.
@@ -691,5 +912,71 @@ mod tests {
         )
         .unwrap();
         assert_eq!(Recipe::from_str(&models.to_yaml(), None).unwrap(), models);
+    }
+
+    /// Issue 13: YAML nested 100k levels deep took 26 s to refuse; deep nesting is refused by a
+    /// linear scan before the text reaches the YAML parser, with the line.
+    #[test]
+    fn yaml_depth_limit_refuses_deep_nesting() {
+        let msg = "YAML nested more than 64 levels deep (block indentation and flow brackets \
+                   together); a recipe needs a handful";
+        // 100k nested flow sequences on one line.
+        let text = format!("merge_method: linear\nmodels: {}\n", "[".repeat(100_000));
+        assert_eq!(parse_err(&text), (Some(2), msg.to_string()));
+        let e = Recipe::from_str(&text, Some(Path::new("deep.yml"))).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("deep.yml:2: YAML nested more than 64"),
+            "{e}"
+        );
+        // Flow mappings, spread over lines.
+        let text = format!("models:\n{}", "{a:\n".repeat(100_000));
+        assert_eq!(parse_err(&text).0, Some(65));
+        // 2,000 levels of block mappings (100k would be 5 GB of indentation), and 100k compact
+        // nested sequences.
+        let mut text = String::new();
+        for d in 0..2_000 {
+            text.push_str(&format!("{}k{d}:\n", " ".repeat(d)));
+        }
+        assert_eq!(parse_err(&text), (Some(65), msg.to_string()));
+        let text = format!("models:\n{}a\n", "- ".repeat(100_000));
+        assert_eq!(parse_err(&text), (Some(2), msg.to_string()));
+
+        // Not counted: brackets in quoted and block scalars, comments, plain scalars.
+        let deep = "[".repeat(200);
+        let text = format!(
+            "models:\n  - model: a{deep}\n    parameters:\n      weight: 1 # {deep}\n  - model: \"{deep}\"\n  - model: '{deep}'\nmerge_method: linear\nchat_template: |\n  {deep}{{% for m in messages %}}\n    {{{{ {deep}\n\n  {{% endfor %}}\n"
+        );
+        assert_eq!(nesting_too_deep(&text), None);
+        let r = Recipe::from_str(&text, None).unwrap();
+        assert!(r.chat_template.as_deref().unwrap().contains("for m in"));
+        // Exactly at the limit is fine: 63 brackets under the `models` key.
+        let text = format!("models: {}{}\n", "[".repeat(63), "]".repeat(63));
+        assert_eq!(nesting_too_deep(&text), None);
+        assert_eq!(
+            nesting_too_deep(&format!("models: {}", "[".repeat(64))),
+            Some(1)
+        );
+        // Every YAML file in the repository is well within the limit.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut stack = vec![
+            root.join("assets"),
+            root.join("tests"),
+            root.join("examples"),
+        ];
+        let mut seen = 0;
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let p = entry.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|e| e == "yml" || e == "yaml") {
+                    let text = std::fs::read_to_string(&p).unwrap();
+                    assert_eq!(nesting_too_deep(&text), None, "{}", p.display());
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen > 0);
     }
 }

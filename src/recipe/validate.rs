@@ -17,7 +17,9 @@
 //!   among its sources (as mergekit requires); `tokenizer_source: base` needs a base model.
 //!
 //! Value ranges are not enforced: the declared ranges bound the search, and mergekit accepts
-//! any value (e.g. a negative task-arithmetic weight).
+//! any value (e.g. a negative task-arithmetic weight). The exception is `density`, a fraction:
+//! outside `[0, 1]` it is an error (mergekit silently clamps it). Every value is finite (checked
+//! while the YAML is read, [`super::params`]).
 
 use super::{Inputs, ModelRef, ParamMap, ParamSetting, Recipe, TokenizerSource, Value};
 use crate::error::Result;
@@ -213,8 +215,27 @@ impl Recipe {
     }
 }
 
+/// Parameters whose value is a fraction by definition: a value outside `[0, 1]` (a scalar or any
+/// gradient anchor; a gradient never leaves its anchors' range) is refused. mergekit clamps it.
+const FRACTIONS: &[&str] = &["density"];
+
 /// Whether `setting` fits the parameter's kind; the message completes "`name` ...".
 fn check_kind(decl: &ParamDecl, setting: &ParamSetting) -> std::result::Result<(), String> {
+    if FRACTIONS.contains(&decl.name) {
+        for v in setting.values() {
+            let anchors = match v {
+                Value::Number(x) => std::slice::from_ref(x),
+                Value::Gradient(g) => g.as_slice(),
+                Value::Bool(_) => &[],
+            };
+            if let Some(x) = anchors.iter().find(|x| !(0.0..=1.0).contains(*x)) {
+                return Err(format!(
+                    "must lie in [0, 1], got {x} (mergekit clamps it into the range; evomerge \
+                     refuses it)"
+                ));
+            }
+        }
+    }
     for v in setting.values() {
         match (decl.kind, v) {
             (ParamKind::Bool, Value::Bool(_)) => {}
@@ -357,6 +378,70 @@ mod tests {
             &TIES,
         );
         assert!(m.contains("`weight` is a number"), "{m}");
+    }
+
+    /// Issue 13: density outside [0, 1] was silently clamped (as mergekit does); it is refused,
+    /// naming the parameter and where it is set. Weights and lambdas must be finite.
+    #[test]
+    fn density_outside_0_1_is_an_error() {
+        let m = err(
+            "models:\n  - model: a\n    parameters: {weight: 1, density: 1.7}\nbase_model: b\nmerge_method: fake\n",
+            &TIES,
+        );
+        assert_eq!(
+            m,
+            "models: model `a`: `density` must lie in [0, 1], got 1.7 (mergekit clamps it into \
+             the range; evomerge refuses it)"
+        );
+        let m = err(
+            "models:\n  - model: a\nbase_model: b\nmerge_method: fake\nparameters:\n  weight: 1\n  density: -0.5\n",
+            &TIES,
+        );
+        assert!(
+            m.starts_with("parameters: `density` must lie in [0, 1], got -0.5"),
+            "{m}"
+        );
+        // A gradient anchor or a filtered value out of range, in a slice.
+        let m = err(
+            "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n      - model: b\n        layer_range: [0, 2]\n    parameters:\n      density: [0.5, 1.2]\nbase_model: b\nmerge_method: fake\nparameters: {weight: 1}\n",
+            &TIES,
+        );
+        assert!(
+            m.starts_with("slices[0].parameters: `density` must lie in [0, 1], got 1.2"),
+            "{m}"
+        );
+        let m = err(
+            "models:\n  - model: a\n    parameters:\n      weight: 1\n      density:\n        - {filter: mlp, value: 2}\n        - {value: 0.5}\nbase_model: b\nmerge_method: fake\n",
+            &TIES,
+        );
+        assert!(
+            m.contains("model `a`: `density` must lie in [0, 1], got 2"),
+            "{m}"
+        );
+        // The bounds themselves are fine.
+        ok(
+            "models:\n  - model: a\n    parameters: {weight: 1, density: [0, 1]}\nbase_model: b\nmerge_method: fake\n",
+            &TIES,
+        );
+        // Non-finite weights / lambdas are refused while the YAML is read, with the line.
+        for v in [".inf", "-.inf", ".nan", "1e400"] {
+            let text = format!(
+                "models:\n  - model: a\n    parameters:\n      weight: {v}\nbase_model: b\nmerge_method: fake\n"
+            );
+            match Recipe::from_str(&text, None) {
+                Err(Error::Recipe { line, msg, .. }) => {
+                    assert_eq!(line, Some(4), "{v}: {msg}");
+                    // 1e400 overflows f64: yaml_serde hands it over as a string, refused too
+                    let want = if v == "1e400" {
+                        "found the string `1e400`"
+                    } else {
+                        "parameter values must be finite"
+                    };
+                    assert!(msg.contains(want), "{v}: {msg}");
+                }
+                other => panic!("{v}: expected an error, got {other:?}"),
+            }
+        }
     }
 
     #[test]

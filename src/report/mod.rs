@@ -5,6 +5,12 @@
 //! `report.json` (every metric) and `report.md` (the table) into the output directory;
 //! [`report`] re-reads `report.json` and returns the table (what `evomerge report OUT_DIR`
 //! prints). Plots live in [`plots`].
+//!
+//! Scores are shown as `evomerge eval` shows them ([`crate::eval::table`]): accuracy-like
+//! metrics and fitness in percent with one decimal, metrics ending in `/perplexity` as they are.
+//! Below the table, the search's own summary ([`SearchSummary`]): the best candidate's dev
+//! fitness, evaluations (and how many failed), generations, wall time, and which file holds the
+//! result (`best_recipe.yaml` or `best_route.json`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -36,12 +42,35 @@ pub struct Row {
     pub seconds: f64,
 }
 
+/// What the search itself did (written under the table).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SearchSummary {
+    /// The best candidate's fitness on the search's (dev) split.
+    pub best_dev_fitness: Option<f64>,
+    /// Evaluations in the history (answered from it on a resume included), and how many of
+    /// them failed / were answered from the history.
+    pub evaluations: usize,
+    pub failed: usize,
+    #[serde(default)]
+    pub replayed: usize,
+    pub generations: usize,
+    /// Wall time of the search loop of the run that finished the search (a resumed run: the
+    /// resumed part).
+    pub wall_seconds: f64,
+    /// The result file, relative to the output directory (`best_recipe.yaml`,
+    /// `best_route.json`).
+    pub result_file: String,
+}
+
 /// The whole report.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub search: String,
     pub split: Split,
     pub rows: Vec<Row>,
+    /// The search's own summary (absent in reports of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<SearchSummary>,
 }
 
 impl Report {
@@ -70,6 +99,13 @@ impl Report {
             Split::Dev => "dev",
             Split::Test => "test",
         };
+        let shown = |c: &str, v: f64| {
+            if c.ends_with("/perplexity") {
+                num(v)
+            } else {
+                pct(v)
+            }
+        };
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -85,15 +121,16 @@ impl Report {
         for r in &self.rows {
             let cells: Vec<String> = cols
                 .iter()
-                .map(|c| r.metrics.get(c).map_or("–".into(), |v| num(*v)))
+                .map(|c| r.metrics.get(c).map_or("–".into(), |v| shown(c, *v)))
                 .collect();
             let mean = match (&r.primary, &r.error) {
-                (Some(p), _) => format!("**{}**", num(*p)),
+                (Some(p), _) => format!("**{}**", pct(*p)),
                 (None, Some(_)) => "failed".into(),
                 _ => "–".into(),
             };
             let _ = writeln!(s, "| {} | {} | {mean} |", r.name, cells.join(" | "));
         }
+        let _ = writeln!(s, "\nAccuracy and fitness in %; perplexity as is.");
         for r in self.rows.iter().filter(|r| r.error.is_some()) {
             let _ = writeln!(
                 s,
@@ -102,8 +139,43 @@ impl Report {
                 r.error.as_deref().unwrap_or("")
             );
         }
+        if let Some(sum) = &self.summary {
+            let _ = writeln!(s, "\n## The search\n");
+            let _ = writeln!(
+                s,
+                "- best dev fitness: {}",
+                sum.best_dev_fitness.map_or("–".into(), pct)
+            );
+            let _ = writeln!(
+                s,
+                "- evaluations: {} ({} failed{})",
+                sum.evaluations,
+                sum.failed,
+                if sum.replayed > 0 {
+                    format!(", {} answered from the history on resume", sum.replayed)
+                } else {
+                    String::new()
+                }
+            );
+            let _ = writeln!(s, "- generations: {}", sum.generations);
+            let _ = writeln!(s, "- wall time: {:.1} s", sum.wall_seconds);
+            let what = if sum.result_file.ends_with(".yaml") {
+                format!(
+                    "mergekit YAML: `evomerge merge {} OUT` (or `mergekit-yaml`) builds it",
+                    sum.result_file
+                )
+            } else {
+                "the pool and the route through it".to_string()
+            };
+            let _ = writeln!(s, "- result: `{}` ({what})", sum.result_file);
+        }
         s
     }
+}
+
+/// A fraction in percent with one decimal, as `evomerge eval` shows it.
+fn pct(v: f64) -> String {
+    format!("{:.1}", v * 100.0)
 }
 
 /// Three decimals, or three significant digits in scientific notation for very small or large
@@ -128,8 +200,28 @@ pub fn save(out_dir: &Path, report: &Report) -> Result<()> {
 }
 
 /// Read `out_dir/report.json`.
+///
+/// A directory without one is an error that says why: it does not exist, it is not a search's
+/// output directory, or its search has not finished (then `evomerge resume DIR` finishes it).
 pub fn load(out_dir: &Path) -> Result<Report> {
     let path = out_dir.join(REPORT_JSON);
+    if !path.exists() {
+        let dir = out_dir.display();
+        let history = out_dir.join(crate::search::history::HISTORY_FILE);
+        return Err(Error::Search(if !out_dir.is_dir() {
+            format!("{dir}: no such directory (expected a search's output directory)")
+        } else if history.exists() || out_dir.join("search.toml").exists() {
+            format!(
+                "{dir}: the search has not finished (no {REPORT_JSON} yet); run `evomerge \
+                 resume {dir}` to finish it and write the report"
+            )
+        } else {
+            format!(
+                "{dir}: not a search's output directory (no {REPORT_JSON}, no {})",
+                crate::search::history::HISTORY_FILE
+            )
+        }));
+    }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Config {
         path,
@@ -191,13 +283,11 @@ mod tests {
             search: "toy".into(),
             split: Split::Test,
             rows: vec![row("add", 0.9, 0.1), row("evolved", 0.8, 0.7), failed],
+            summary: None,
         };
         let md = r.markdown();
         assert!(md.contains("| candidate | add | cipher | mean |"), "{md}");
-        assert!(
-            md.contains("| evolved | 0.800 | 0.700 | **0.750** |"),
-            "{md}"
-        );
+        assert!(md.contains("| evolved | 80.0 | 70.0 | **75.0** |"), "{md}");
         assert!(md.contains("| broken | – | – | failed |"), "{md}");
         assert!(md.contains("`broken` failed: missing tensor"), "{md}");
         let dir = tempfile::tempdir().unwrap();
@@ -213,12 +303,58 @@ mod tests {
         let both = combined(&[dir.path(), other.path()]).unwrap();
         assert!(both.contains("Search `toy + dfs`"), "{both}");
         assert!(
-            both.contains("| add | 0.900 |"),
+            both.contains("| add | 90.0 |"),
             "first report's row kept: {both}"
         );
         assert!(
-            both.contains("| evolved (DFS) | 0.500 | 0.500 | **0.500** |"),
+            both.contains("| evolved (DFS) | 50.0 | 50.0 | **50.0** |"),
             "{both}"
         );
+    }
+
+    #[test]
+    fn report_shows_percentages_like_eval_and_the_search_summary() {
+        let r = Report {
+            search: "toy".into(),
+            split: Split::Test,
+            rows: vec![Row {
+                name: "evolved (PS)".into(),
+                primary: Some(0.6125),
+                metrics: BTreeMap::from([
+                    ("add/score".to_string(), 0.257),
+                    ("wiki/perplexity".to_string(), 12.5),
+                ]),
+                dev_fitness: Some(0.698),
+                error: None,
+                seconds: 1.0,
+            }],
+            summary: Some(SearchSummary {
+                best_dev_fitness: Some(0.698),
+                evaluations: 240,
+                failed: 3,
+                replayed: 0,
+                generations: 30,
+                wall_seconds: 36.04,
+                result_file: "best_recipe.yaml".into(),
+            }),
+        };
+        let md = r.markdown();
+        // `/score` columns only (add), in %; the mean (fitness) in %.
+        assert!(md.contains("| evolved (PS) | 25.7 | **61.3** |"), "{md}");
+        assert!(
+            md.contains("Accuracy and fitness in %; perplexity as is."),
+            "{md}"
+        );
+        assert!(md.contains("- best dev fitness: 69.8"), "{md}");
+        assert!(md.contains("- evaluations: 240 (3 failed)"), "{md}");
+        assert!(md.contains("- generations: 30"), "{md}");
+        assert!(md.contains("- wall time: 36.0 s"), "{md}");
+        assert!(md.contains("- result: `best_recipe.yaml`"), "{md}");
+        let mut ppl = r.clone();
+        ppl.rows[0].metrics.remove("add/score");
+        ppl.summary = None;
+        let md = ppl.markdown();
+        assert!(md.contains("| evolved (PS) | 12.500 | **61.3** |"), "{md}");
+        assert!(!md.contains("## The search"), "{md}");
     }
 }

@@ -29,21 +29,40 @@
 //! max_length = 64              # lm: longest sequence; default max_position_embeddings
 //!
 //! [optimizer]
-//! sigma0 = 0.2                 # in gene units (a PS gene's whole range is 1.0)
-//! population = 8
-//! generations = 12             # and/or max_evaluations = 96
+//! sigma0 = 0.2                 # in gene units (a PS gene's whole range is 1.0); (0, 10]
+//! population = 8               # 2..=10000; default 4 + ⌊3 ln n⌋ for n genes
+//! generations = 12             # 1..=1000000; and/or max_evaluations = 96 (≥ population)
 //! seed = 1
 //! restarts = "none"            # "none" | "ipop" | "bipop"
 //!
 //! [parallelism]
-//! slots = 2                    # candidates evaluated at once
+//! slots = 2                    # candidates evaluated at once; 1..=1024
 //! ```
+//!
+//! Every number must be finite and within the bounds of [`limits`]: `population` 2..=10 000,
+//! `generations` 1..=1 000 000, `max_evaluations` from one generation (the population, when
+//! set) to 10⁸, `sigma0` in (0, 10], `slots` 1..=1024, DFS `repeats` 1..=16, `scale_range`
+//! within [−100, 100], `ranges` / `defaults` / `indicator_threshold` finite, `batch_size`
+//! 1..=65 536, `max_length` 1..=2²⁰, and the command evaluator's `timeout_s` in (0, 30 days]
+//! ([`crate::eval::command::MAX_TIMEOUT_S`]). Anything else is refused when the file is read,
+//! with the key and its line ([`SearchDef::validate_in`]).
 //!
 //! A DFS space (`kind = "dfs"`) takes `repeats` (r), `scale_range` (the scaling matrix's range),
 //! `indicator_threshold` (a slot is used when its gene is above it) and `embed_model` (index into
 //! `models`). `kind = "ps_dfs"` adds `ps_search` (a PS search definition, relative to this file):
-//! that search's best recipe (run first if its output has none) is merged in memory and joins
-//! the DFS pool as the last model, which is also the default embedding model.
+//! that search's best recipe is merged in memory and joins the DFS pool as the last model, which
+//! is also the default embedding model.
+//!
+//! **Where a PS+DFS search keeps its PS run**: in `<out>/ps/`, where `<out>` is the PS+DFS
+//! search's own output directory (`--out`, else `output`, else `runs/<name>`); nothing is written
+//! outside `<out>` ([`crate::search::run::ps_run`]). A finished run there
+//! (`<out>/ps/best_recipe.yaml`) is reused and an unfinished one resumed; else a finished run in
+//! the PS definition's own output directory is reused read-only, its `best_recipe.yaml` copied
+//! into `<out>/ps/`; else the PS search runs into `<out>/ps/`. The search prints which.
+//!
+//! **Hub ids.** A model written `owner/name` that is no path under this file's folder is read
+//! from the local Hugging Face cache ([`crate::store::hub`]); one that is not cached is refused
+//! when the file is read.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -353,15 +372,24 @@ impl SearchDef {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
+        // A model written as a hub id (`owner/name`) that is neither under `dir` nor in the
+        // local Hugging Face cache is refused here, saying why, before anything loads.
+        for m in def.models.iter().chain(&def.base_model) {
+            if let Some(id) = m
+                .to_str()
+                .filter(|s| crate::store::hub::looks_like_hub_id(s))
+                && !dir.join(id).exists()
+                && let Some(e) = crate::store::hub::missing(&dir.join(id))
+            {
+                return Err(e);
+            }
+        }
         def.resolve(dir);
         if def.output.is_none() {
             let root = dir.parent().unwrap_or(dir);
             def.output = Some(root.join("runs").join(&def.name));
         }
-        def.validate().map_err(|msg| Error::Config {
-            path: path.to_path_buf(),
-            msg,
-        })?;
+        def.validate_in(text, path)?;
         Ok(def)
     }
 
@@ -422,76 +450,275 @@ impl SearchDef {
             .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
     }
 
-    /// Check the settings that serde cannot.
+    /// Check the settings that serde cannot (a message naming the key).
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.check().map_err(|e| e.msg)
+    }
+
+    /// [`SearchDef::validate`] for a definition parsed from `text` (read from `path`): the error
+    /// names the file and, when the key can be found in `text`, its line.
+    pub fn validate_in(&self, text: &str, path: &Path) -> Result<()> {
+        self.check().map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: match line_of(text, &e.key) {
+                Some(n) => format!("line {n}: {}", e.msg),
+                None => e.msg,
+            },
+        })
+    }
+
+    fn check(&self) -> std::result::Result<(), Invalid> {
+        let bad = |key: &str, msg: String| Invalid {
+            key: key.to_string(),
+            msg,
+        };
         if self.models.is_empty() {
-            return Err("`models` is empty".into());
+            return Err(bad("models", "`models` is empty".into()));
         }
         if self.evaluator.fitness_split() == Split::Test {
-            return Err(
+            return Err(bad(
+                "evaluator.fitness_split",
                 "evaluator.fitness_split = \"test\" is refused: the test split is held out \
-                        for the final report; use \"dev\""
+                 for the final report; use \"dev\""
                     .into(),
-            );
+            ));
         }
         match &self.space {
             SpaceDef::Ps(ps) => {
                 if self.method.is_none() {
-                    return Err("a `ps` space needs `method`".into());
+                    return Err(bad("method", "a `ps` space needs `method`".into()));
                 }
                 for (name, [lo, hi]) in &ps.ranges {
                     if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
-                        return Err(format!("space.ranges.{name}: [{lo}, {hi}] is not a range"));
+                        return Err(bad(
+                            &format!("space.ranges.{name}"),
+                            format!("space.ranges.{name}: [{lo:?}, {hi:?}] is not a range"),
+                        ));
+                    }
+                }
+                for (name, v) in &ps.defaults {
+                    if !v.is_finite() {
+                        return Err(bad(
+                            &format!("space.defaults.{name}"),
+                            format!("space.defaults.{name} = {v:?} is not a finite number"),
+                        ));
                     }
                 }
             }
             SpaceDef::Dfs(d) | SpaceDef::PsDfs { dfs: d, .. } => {
-                if d.repeats == 0 {
-                    return Err("space.repeats must be ≥ 1".into());
+                if !(1..=limits::REPEATS).contains(&d.repeats) {
+                    return Err(bad(
+                        "space.repeats",
+                        format!(
+                            "space.repeats = {} must be in 1..={}",
+                            d.repeats,
+                            limits::REPEATS
+                        ),
+                    ));
                 }
                 let [lo, hi] = d.scale_range;
+                let s = limits::SCALE;
                 if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
-                    return Err(format!("space.scale_range [{lo}, {hi}] is not a range"));
+                    return Err(bad(
+                        "space.scale_range",
+                        format!("space.scale_range [{lo:?}, {hi:?}] is not a range"),
+                    ));
+                }
+                if lo < -s || hi > s {
+                    return Err(bad(
+                        "space.scale_range",
+                        format!("space.scale_range [{lo:?}, {hi:?}] must lie within [-{s}, {s}]"),
+                    ));
+                }
+                if !d.indicator_threshold.is_finite() {
+                    return Err(bad(
+                        "space.indicator_threshold",
+                        format!(
+                            "space.indicator_threshold = {:?} is not a finite number",
+                            d.indicator_threshold
+                        ),
+                    ));
                 }
                 let pool =
                     self.models.len() + usize::from(matches!(self.space, SpaceDef::PsDfs { .. }));
                 if let Some(e) = d.embed_model
                     && e >= pool
                 {
-                    return Err(format!(
-                        "space.embed_model = {e}, but the pool has {pool} models"
+                    return Err(bad(
+                        "space.embed_model",
+                        format!("space.embed_model = {e}, but the pool has {pool} models"),
                     ));
                 }
             }
         }
         let o = &self.optimizer;
-        if !(o.sigma0.is_finite() && o.sigma0 > 0.0) {
-            return Err(format!("optimizer.sigma0 = {} must be > 0", o.sigma0));
+        if !(o.sigma0.is_finite() && o.sigma0 > 0.0 && o.sigma0 <= limits::SIGMA0) {
+            return Err(bad(
+                "optimizer.sigma0",
+                format!(
+                    "optimizer.sigma0 = {:?} must be > 0 and ≤ {} (gene units: a PS gene's range \
+                     is 1)",
+                    o.sigma0,
+                    limits::SIGMA0
+                ),
+            ));
         }
-        if o.population.is_some_and(|p| p < 2) {
-            return Err("optimizer.population must be ≥ 2".into());
+        if let Some(p) = o.population
+            && !(2..=limits::POPULATION).contains(&p)
+        {
+            return Err(bad(
+                "optimizer.population",
+                format!(
+                    "optimizer.population = {p} must be in 2..={}",
+                    limits::POPULATION
+                ),
+            ));
         }
         if o.generations.is_none() && o.max_evaluations.is_none() {
-            return Err(
+            return Err(bad(
+                "optimizer",
                 "the optimizer needs a budget: `generations` and/or `max_evaluations`".into(),
-            );
+            ));
         }
-        if self.parallelism.slots == 0 {
-            return Err("parallelism.slots must be ≥ 1".into());
-        }
-        if let EvaluatorDef::Lm {
-            batch_size,
-            max_length,
-            ..
-        } = &self.evaluator
+        if let Some(g) = o.generations
+            && !(1..=limits::GENERATIONS).contains(&g)
         {
-            if *batch_size == Some(0) {
-                return Err("evaluator.batch_size must be ≥ 1".into());
+            return Err(bad(
+                "optimizer.generations",
+                format!(
+                    "optimizer.generations = {g} must be in 1..={}",
+                    limits::GENERATIONS
+                ),
+            ));
+        }
+        if let Some(m) = o.max_evaluations {
+            let least = o.population.unwrap_or(2);
+            if !(least..=limits::MAX_EVALUATIONS).contains(&m) {
+                return Err(bad(
+                    "optimizer.max_evaluations",
+                    format!(
+                        "optimizer.max_evaluations = {m} must be in {least}..={} (at least one \
+                         generation of the population)",
+                        limits::MAX_EVALUATIONS
+                    ),
+                ));
             }
-            if *max_length == Some(0) {
-                return Err("evaluator.max_length must be ≥ 1".into());
+        }
+        let slots = self.parallelism.slots;
+        if !(1..=limits::SLOTS).contains(&slots) {
+            return Err(bad(
+                "parallelism.slots",
+                format!(
+                    "parallelism.slots = {slots} must be in 1..={}",
+                    limits::SLOTS
+                ),
+            ));
+        }
+        match &self.evaluator {
+            EvaluatorDef::Lm {
+                batch_size,
+                max_length,
+                ..
+            } => {
+                if let Some(b) = *batch_size
+                    && !(1..=limits::BATCH_SIZE).contains(&b)
+                {
+                    return Err(bad(
+                        "evaluator.batch_size",
+                        format!(
+                            "evaluator.batch_size = {b} must be in 1..={}",
+                            limits::BATCH_SIZE
+                        ),
+                    ));
+                }
+                if let Some(l) = *max_length
+                    && !(1..=limits::MAX_LENGTH).contains(&l)
+                {
+                    return Err(bad(
+                        "evaluator.max_length",
+                        format!(
+                            "evaluator.max_length = {l} must be in 1..={}",
+                            limits::MAX_LENGTH
+                        ),
+                    ));
+                }
+            }
+            EvaluatorDef::Command { spec, .. } => {
+                spec.check().map_err(|(key, msg)| {
+                    bad(&format!("evaluator.{key}"), format!("evaluator.{msg}"))
+                })?;
             }
         }
         Ok(())
     }
+}
+
+/// The upper bounds of a definition's numeric settings (refused above them, naming the key).
+/// They are far above any useful value; they stop a typo from allocating a population of a
+/// billion or starting a thousand threads. The command evaluator's `timeout_s` is bounded by
+/// [`crate::eval::command::MAX_TIMEOUT_S`].
+pub mod limits {
+    /// `optimizer.population` (λ), at least 2.
+    pub const POPULATION: usize = 10_000;
+    /// `optimizer.generations`, at least 1.
+    pub const GENERATIONS: usize = 1_000_000;
+    /// `optimizer.max_evaluations`, at least one generation (the population, when set).
+    pub const MAX_EVALUATIONS: usize = 100_000_000;
+    /// `optimizer.sigma0` (in gene units, a PS gene's range is 1), above 0.
+    pub const SIGMA0: f64 = 10.0;
+    /// `space.repeats` (DFS r), at least 1.
+    pub const REPEATS: usize = 16;
+    /// `space.scale_range` lies within [-SCALE, SCALE].
+    pub const SCALE: f64 = 100.0;
+    /// `parallelism.slots`, at least 1.
+    pub const SLOTS: usize = 1024;
+    /// `evaluator.batch_size` (lm), at least 1.
+    pub const BATCH_SIZE: usize = 65_536;
+    /// `evaluator.max_length` (lm), at least 1.
+    pub const MAX_LENGTH: usize = 1 << 20;
+}
+
+/// A refused setting: its dotted key (to find its line) and the message.
+struct Invalid {
+    key: String,
+    msg: String,
+}
+
+/// The 1-based line of the dotted `key` (e.g. `optimizer.population`, `space.defaults.weight`)
+/// in a TOML text: the line that sets it, else the line of its closest enclosing key (an inline
+/// table), else the table's header. A plain scan (no TOML parser): `None` when not found.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let want: Vec<&str> = key.split('.').collect();
+    let parts = |s: &str| -> Vec<String> {
+        s.split('.')
+            .map(|p| p.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
+            .collect()
+    };
+    let mut table: Vec<String> = Vec::new();
+    let mut best: Option<(usize, usize)> = None; // (matched parts, line)
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('#') || t.is_empty() {
+            continue;
+        }
+        let full = if let Some(h) = t.strip_prefix('[') {
+            let h = h.trim_start_matches('[');
+            let Some(end) = h.find(']') else { continue };
+            table = parts(&h[..end]);
+            table.clone()
+        } else {
+            let Some(eq) = t.find('=') else { continue };
+            let mut k = table.clone();
+            k.extend(parts(&t[..eq]));
+            k
+        };
+        let n = full.len();
+        if n <= want.len()
+            && full.iter().zip(&want).all(|(a, b)| a == b)
+            && best.is_none_or(|(m, _)| n > m)
+        {
+            best = Some((n, i + 1));
+        }
+    }
+    best.map(|(_, line)| line)
 }

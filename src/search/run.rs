@@ -41,8 +41,14 @@
 //! | `best_recipe.yaml` | PS: the best recipe as mergekit YAML (runnable by `evomerge merge` and mergekit) |
 //! | `best_route.json` | DFS: the best route, see [`RouteFile`] |
 //! | `model/` | PS: the best recipe merged to disk in Hugging Face layout, in the inputs' dtype (the recipe's `out_dtype`; config.json's `torch_dtype` / `dtype` say the same) |
-//! | `report.json`, `report.md` | test-split scores of the sources, the default and the evolved candidate |
+//! | `ps/` | PS+DFS: the PS run (or the copied best recipe of a finished one), see [`ps_run`] |
+//! | `report.json`, `report.md` | test-split scores of the sources, the default and the evolved candidate; the search's summary (dev fitness, evaluations, wall time, result file) |
 //! | `plots/*.png`, `plots/*.svg` | see [`crate::report::plots`] |
+//!
+//! The model paths in `best_recipe.yaml`, `best_genome.json`, `best_route.json` and the model
+//! card (`model/README.md`) are relative to the file's own directory (a cached hub model: its
+//! id), so an output directory moved together with its inputs still merges and can be shared;
+//! `search.toml` and `history.jsonl` keep the absolute paths the run used.
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -112,7 +118,8 @@ impl CandidateBuilder for MergeBuilder {
 /// PS+DFS the PS recipe file whose merge is the last pool model) and the route through it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RouteFile {
-    /// Pool models in order: a model directory, or `ps:<recipe.yaml>` for a PS merge.
+    /// Pool models in order: a model directory, or `ps:<recipe.yaml>` for a PS merge; relative
+    /// paths are relative to the route file's directory (a hub id is written as such).
     pub models: Vec<String>,
     pub route: Route,
 }
@@ -183,6 +190,87 @@ pub struct Search {
     pub pool_names: Vec<String>,
     /// The recipe merged to disk at the end (PS), `None` for DFS.
     pub merge_models: Option<ModelSet>,
+}
+
+/// The error of a search none of whose candidates scored: how many failed and the first one's
+/// error (the rest are in history.jsonl).
+fn every_evaluation_failed(all: &[Record]) -> String {
+    let first = all
+        .iter()
+        .min_by_key(|r| (r.run, r.generation, r.index))
+        .and_then(|r| r.error.as_deref())
+        .unwrap_or("(no error recorded)");
+    format!(
+        "every evaluation failed ({} of {}); the first candidate's error: {first} (all of them \
+         are in {})",
+        all.len(),
+        all.len(),
+        history::HISTORY_FILE
+    )
+}
+
+/// The folder of a PS+DFS search's output directory that holds its PS run.
+pub const PS_RUN_DIR: &str = "ps";
+
+/// The best recipe of a PS+DFS search's PS stage, run first if needed. Nothing is written
+/// outside the PS+DFS search's output directory `<out>` ([`SearchDef::output_dir`]; `--out`):
+///
+/// 1. `<out>/ps/best_recipe.yaml` exists: reused;
+/// 2. `<out>/ps/` holds an unfinished PS run: resumed there;
+/// 3. the PS definition's own output directory holds a finished run: its `best_recipe.yaml` is
+///    reused, copied into `<out>/ps/` (model paths made relative to it), so a resume and the
+///    route file see the same recipe even if that run is redone later;
+/// 4. otherwise the PS search runs into `<out>/ps/`.
+///
+/// Which of these happened is printed to stderr.
+pub fn ps_run(def: &SearchDef, ps_def: &SearchDef, options: &RunOptions) -> Result<PathBuf> {
+    let own = def.output_dir().join(PS_RUN_DIR);
+    let recipe_path = own.join("best_recipe.yaml");
+    let ps_opts = RunOptions {
+        stop_after_evals: None,
+        ..options.clone()
+    };
+    if recipe_path.exists() {
+        eprintln!(
+            "PS+DFS: reusing the PS run's best recipe {}",
+            recipe_path.display()
+        );
+    } else if own.join(history::HISTORY_FILE).exists() {
+        eprintln!(
+            "PS+DFS: resuming the unfinished PS run in {}",
+            own.display()
+        );
+        resume_with(&own, &ps_opts)?;
+    } else if let Some(theirs) =
+        Some(ps_def.output_dir().join("best_recipe.yaml")).filter(|p| p.exists())
+    {
+        let recipe = crate::recipe::Recipe::from_path(&theirs)?;
+        std::fs::create_dir_all(&own).map_err(|e| Error::io(&own, e))?;
+        std::fs::write(&recipe_path, recipe.relative_to(&own).to_yaml())
+            .map_err(|e| Error::io(&recipe_path, e))?;
+        eprintln!(
+            "PS+DFS: reusing the finished PS run of {} ({}), copied to {}",
+            ps_def.name,
+            theirs.display(),
+            recipe_path.display()
+        );
+    } else {
+        eprintln!(
+            "PS+DFS: no finished PS run of {} (looked in {} and {}): running it into {}",
+            ps_def.name,
+            own.display(),
+            ps_def.output_dir().display(),
+            own.display()
+        );
+        run_search(ps_def, &own, &ps_opts)?;
+    }
+    if !recipe_path.exists() {
+        return Err(Error::Search(format!(
+            "the PS run in {} left no best_recipe.yaml",
+            own.display()
+        )));
+    }
+    Ok(recipe_path)
 }
 
 fn layers_of(model: &dyn TensorSource) -> Result<usize> {
@@ -340,6 +428,24 @@ impl Search {
                 for m in def.models.iter().chain(base) {
                     models.get_or_open(Path::new(&path_name(m)))?;
                 }
+                // A PS merge combines layer i of every model with layer i of the others (the
+                // `models` form of a recipe): every model needs the probe's layer count, as
+                // `merge` requires.
+                let n_layers = layers_of(probe.as_ref())?;
+                for m in def.models.iter().chain(base) {
+                    let model = models.get_or_open(Path::new(&path_name(m)))?;
+                    let n = layers_of(model.as_ref())?;
+                    if n != n_layers {
+                        return Err(Error::Search(format!(
+                            "models: `{}` has {n} layers but `{}` has {n_layers}; a PS search \
+                             merges layer i with layer i and needs equal layer counts (a DFS \
+                             search, `kind = \"dfs\"`, can route across models of different \
+                             depth)",
+                            m.display(),
+                            probe_path.display()
+                        )));
+                    }
+                }
                 let names: Vec<String> = probe.tensor_infos().into_iter().map(|i| i.name).collect();
                 let pos = |p: crate::arch::Position| -> Vec<String> {
                     names
@@ -353,7 +459,7 @@ impl Search {
                     decls: method.params().to_vec(),
                     models: def.models.iter().map(|p| path_name(p)).collect(),
                     base: base.map(|b| path_name(b)),
-                    n_layers: layers_of(probe.as_ref())?,
+                    n_layers,
                     pre_tensors: pos(crate::arch::Position::Pre),
                     post_tensors: pos(crate::arch::Position::Post),
                 };
@@ -409,22 +515,10 @@ impl Search {
                 let mut embed = dfs.embed_model.unwrap_or(0);
                 if let SpaceDef::PsDfs { ps_search, .. } = &def.space {
                     let ps_def = SearchDef::load(ps_search)?;
-                    let ps_out = ps_def.output_dir();
-                    let recipe_path = ps_out.join("best_recipe.yaml");
-                    if !recipe_path.exists() {
-                        let ps_opts = RunOptions {
-                            stop_after_evals: None,
-                            ..options.clone()
-                        };
-                        if ps_out.join(history::HISTORY_FILE).exists() {
-                            resume_with(&ps_out, &ps_opts)?;
-                        } else {
-                            run_search(&ps_def, &ps_out, &ps_opts)?;
-                        }
-                    }
+                    let recipe_path = ps_run(def, &ps_def, options)?;
                     let yaml = std::fs::read_to_string(&recipe_path)
                         .map_err(|e| Error::io(&recipe_path, e))?;
-                    let recipe = parse_recipe(&yaml)?;
+                    let recipe = crate::recipe::Recipe::from_str(&yaml, Some(&recipe_path))?;
                     let merged = crate::merge::executor::merge_in_memory(
                         &recipe,
                         &mut models,
@@ -441,6 +535,23 @@ impl Search {
                         },
                     ));
                     embed = dfs.embed_model.unwrap_or(pool.len() - 1);
+                }
+                // Routes may cross models of different depth (each hop runs a layer of its own
+                // model), but the hidden state passed between them must have one width.
+                let width = |m: &MemModel| m.config().get("hidden_size").and_then(|v| v.as_u64());
+                if let Some(w0) = width(&pool[0]) {
+                    for (m, name) in pool.iter().zip(&pool_names).skip(1) {
+                        if let Some(w) = width(m)
+                            && w != w0
+                        {
+                            return Err(Error::Search(format!(
+                                "models: `{name}` has hidden_size {w} but `{}` has {w0}; a DFS \
+                                 route passes the hidden state between their layers and needs \
+                                 one width",
+                                pool_names[0]
+                            )));
+                        }
+                    }
                 }
                 let layers = pool
                     .iter()
@@ -585,8 +696,15 @@ impl Search {
         let best = history::best(&all).cloned().ok_or_else(|| {
             Error::Search(if interrupted {
                 "interrupted before any generation finished".into()
+            } else if all.is_empty() {
+                format!(
+                    "the budget allows no generation: max_evaluations = {} is below the \
+                     population (λ = {})",
+                    o.max_evaluations.unwrap_or(0),
+                    opt.lambda()
+                )
             } else {
-                "every evaluation failed; see history.jsonl for the errors".into()
+                every_evaluation_failed(&all)
             })
         })?;
         let mut summary = RunSummary {
@@ -618,14 +736,21 @@ impl Search {
             let p = out_dir.join(name);
             std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
         };
+        // Model paths in what is written here are relative to the file's directory (hub ids
+        // as such), so the output directory can be moved together with its inputs and shared.
+        let out_abs = std::fs::canonicalize(out_dir).map_err(|e| Error::io(out_dir, e))?;
+        let decoded = self.space.decode(&best.genome)?;
+        let mut best_out = best.clone();
+        if let Decoded::Recipe(yaml) = &decoded {
+            best_out.recipe = parse_recipe(yaml)?.relative_to(&out_abs).to_yaml();
+        }
         write(
             "best_genome.json",
-            &serde_json::to_string_pretty(best).unwrap_or_default(),
+            &serde_json::to_string_pretty(&best_out).unwrap_or_default(),
         )?;
-        let decoded = self.space.decode(&best.genome)?;
         match &decoded {
             Decoded::Recipe(yaml) => {
-                write("best_recipe.yaml", yaml)?;
+                write("best_recipe.yaml", &best_out.recipe)?;
                 if options.write_model
                     && let Some(models) = &self.merge_models
                 {
@@ -633,7 +758,8 @@ impl Search {
                     if target.exists() {
                         std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
                     }
-                    let recipe = parse_recipe(yaml)?;
+                    // The model card's recipe names the models relative to `model/`.
+                    let recipe = parse_recipe(yaml)?.relative_to(&out_abs.join("model"));
                     let merge_options = crate::merge::executor::MergeOptions {
                         seed: self.def.merge_seed,
                         ..Default::default()
@@ -648,7 +774,17 @@ impl Search {
             }
             Decoded::Route(route) => {
                 let file = RouteFile {
-                    models: self.pool_names.clone(),
+                    models: self
+                        .pool_names
+                        .iter()
+                        .map(|n| match n.strip_prefix("ps:") {
+                            Some(p) => format!(
+                                "ps:{}",
+                                crate::recipe::relative_path(Path::new(p), &out_abs).display()
+                            ),
+                            None => crate::recipe::relative_ref(Path::new(n), n, &out_abs),
+                        })
+                        .collect(),
                     route: route.clone(),
                 };
                 write(
@@ -658,7 +794,20 @@ impl Search {
             }
         }
         if options.report {
-            let report = self.make_report(best)?;
+            let mut report = self.make_report(best)?;
+            report.summary = Some(crate::report::SearchSummary {
+                best_dev_fitness: best.fitness,
+                evaluations: summary.evaluated + summary.replayed,
+                failed: summary.failures,
+                replayed: summary.replayed,
+                generations: summary.generations,
+                wall_seconds: summary.loop_seconds,
+                result_file: match decoded {
+                    Decoded::Recipe(_) => "best_recipe.yaml",
+                    Decoded::Route(_) => "best_route.json",
+                }
+                .to_string(),
+            });
             crate::report::save(out_dir, &report)?;
             summary.report = Some(report);
         }
@@ -696,6 +845,7 @@ impl Search {
             search: self.def.name.clone(),
             split: Split::Test,
             rows: Vec::new(),
+            summary: None,
         };
         for (name, candidate, dev) in rows {
             let t = Instant::now();
@@ -885,8 +1035,14 @@ pub fn run_search(def: &SearchDef, out_dir: &Path, options: &RunOptions) -> Resu
             out_dir.display()
         )));
     }
-    let def = with_device(def, options)?;
+    let def = with_out(with_device(def, options)?, out_dir);
     Search::prepare(&def, options)?.run(out_dir, options)
+}
+
+/// `def` writing into `out_dir` (where a PS+DFS search keeps its PS run, [`ps_run`]).
+fn with_out(mut def: SearchDef, out_dir: &Path) -> SearchDef {
+    def.output = Some(out_dir.to_path_buf());
+    def
 }
 
 /// `def` with [`RunOptions::device`] applied.
@@ -906,7 +1062,7 @@ pub fn resume(out_dir: &Path) -> Result<RunSummary> {
 
 /// [`resume`] with options.
 pub fn resume_with(out_dir: &Path, options: &RunOptions) -> Result<RunSummary> {
-    let def = with_device(&load_saved_def(out_dir)?, options)?;
+    let def = with_out(with_device(&load_saved_def(out_dir)?, options)?, out_dir);
     Search::prepare(&def, options)?.run(out_dir, options)
 }
 
@@ -918,6 +1074,6 @@ pub fn load_saved_def(out_dir: &Path) -> Result<SearchDef> {
         path: path.clone(),
         msg: e.to_string(),
     })?;
-    def.validate().map_err(|msg| Error::Config { path, msg })?;
+    def.validate_in(&text, &path)?;
     Ok(def)
 }

@@ -47,11 +47,14 @@ pub struct Summary {
 /// with a local base) opens the adapter against the base and summarises both.
 pub fn inspect(dir: impl AsRef<Path>) -> Result<Summary> {
     let dir = dir.as_ref();
-    let lora = match super::lora::parse_ref(dir)? {
-        ModelRefKind::Lora { base, adapter } => Some(LoraModel::open(&base, &adapter)?),
+    // `plain`: the directory itself (a hub id: its snapshot in the local cache).
+    let (lora, plain) = match super::lora::parse_ref(dir)? {
+        ModelRefKind::Lora { base, adapter } => {
+            (Some(LoraModel::open(&base, &adapter)?), dir.to_path_buf())
+        }
         ModelRefKind::Plain(p) => match super::lora::peft_base(&p)? {
-            Some(base) => Some(LoraModel::open(&base, &p)?),
-            None => None,
+            Some(base) => (Some(LoraModel::open(&base, &p)?), p),
+            None => (None, p),
         },
     };
     let adapter = lora.as_ref().map(|l| l.adapter().summary());
@@ -59,7 +62,7 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<Summary> {
     let model = match &lora {
         Some(l) => l.base(),
         None => {
-            opened = Model::open(dir)?;
+            opened = Model::open(&plain)?;
             &opened
         }
     };

@@ -125,18 +125,35 @@ pub fn parse_ref(path: &Path) -> Result<ModelRefKind> {
     let Some(s) = path.to_str() else {
         return Ok(ModelRefKind::Plain(path.to_path_buf()));
     };
+    // A side that is not a path but a hub id (`owner/name`) is its snapshot in the local
+    // Hugging Face cache, or an error saying models must be local or cached.
     Ok(match split_with(s, &|p| PathBuf::from(p))? {
-        Some((base, adapter)) => ModelRefKind::Lora { base, adapter },
-        None => ModelRefKind::Plain(path.to_path_buf()),
+        Some((base, adapter)) => ModelRefKind::Lora {
+            base: super::hub::locate(&base)?,
+            adapter: super::hub::locate(&adapter)?,
+        },
+        None => ModelRefKind::Plain(super::hub::locate(path)?),
     })
 }
 
 /// Resolve a model reference written in a file in `dir` (`None`: the working directory): a
 /// relative path joins `dir`, and so does each relative side of `BASE+ADAPTER`. The result is
 /// what [`parse_ref`] / [`crate::store::open_source`] take.
+///
+/// A relative side that does not exist under `dir` but reads as a Hugging Face hub id
+/// (`owner/name`) is its cached snapshot ([`super::hub`]); when the cache lacks it, the path
+/// under `dir`, which opening refuses with an error that also says the cache lacks the id.
 pub fn resolve_ref(name: &Path, dir: Option<&Path>) -> PathBuf {
     let join = |p: &Path| match dir {
-        Some(d) if p.is_relative() => d.join(p),
+        Some(d) if p.is_relative() => {
+            let joined = d.join(p);
+            match p.to_str() {
+                Some(id) if !joined.exists() && super::hub::looks_like_hub_id(id) => {
+                    super::hub::resolve(id).unwrap_or(joined)
+                }
+                _ => joined,
+            }
+        }
         _ => p.to_path_buf(),
     };
     let Some(s) = name.to_str() else {
@@ -174,8 +191,13 @@ pub fn peft_base(dir: &Path) -> Result<Option<PathBuf>> {
     let named = config
         .get("base_model_name_or_path")
         .and_then(Value::as_str);
-    match named {
-        Some(b) if !b.is_empty() && Path::new(b).is_dir() => Ok(Some(PathBuf::from(b))),
+    // A hub id as the base (what PEFT writes) is its snapshot in the local cache, if there.
+    let local = named
+        .filter(|b| !b.is_empty())
+        .and_then(|b| super::hub::locate(Path::new(b)).ok())
+        .filter(|b| b.is_dir());
+    match local {
+        Some(b) => Ok(Some(b)),
         _ => Err(config_err(
             &path,
             format!(
@@ -192,10 +214,15 @@ pub fn peft_base(dir: &Path) -> Result<Option<PathBuf>> {
 pub fn open_ref(path: &Path) -> Result<Arc<dyn TensorSource>> {
     match parse_ref(path)? {
         ModelRefKind::Lora { base, adapter } => Ok(Arc::new(LoraModel::open(&base, &adapter)?)),
-        ModelRefKind::Plain(p) => match peft_base(&p)? {
-            Some(base) => Ok(Arc::new(LoraModel::open(&base, &p)?)),
-            None => Ok(Arc::new(Model::open(&p)?)),
-        },
+        ModelRefKind::Plain(p) => {
+            if let Some(e) = super::hub::missing(&p) {
+                return Err(e);
+            }
+            match peft_base(&p)? {
+                Some(base) => Ok(Arc::new(LoraModel::open(&base, &p)?)),
+                None => Ok(Arc::new(Model::open(&p)?)),
+            }
+        }
     }
 }
 

@@ -22,9 +22,11 @@
 //! - [`inspect()`]: a [`Summary`] of a model directory.
 //! - [`lora`]: `BASE+ADAPTER` references, a PEFT LoRA adapter folded into its base as it is read;
 //!   [`open_source`] opens any model reference.
+//! - [`hub`]: Hugging Face hub ids (`owner/name`) read from the local Hugging Face cache.
 
 mod codec;
 pub mod gguf;
+pub mod hub;
 pub mod inspect;
 pub mod lora;
 pub mod reader;
@@ -74,7 +76,9 @@ pub trait TensorSource: Send + Sync {
 
 /// Open any model reference as a [`TensorSource`]: a model directory ([`Model::open`]), a
 /// `BASE+ADAPTER` pair or a PEFT directory with a local base ([`lora::LoraModel`], the adapter
-/// folded in as tensors are read). See [`lora`] for how a reference is split.
+/// folded in as tensors are read). See [`lora`] for how a reference is split. A reference that
+/// is not a path but a Hugging Face hub id (`owner/name`) opens its snapshot in the local cache
+/// ([`hub`]); one that is not cached is an error that names the id and where it looked.
 pub fn open_source(path: &Path) -> Result<std::sync::Arc<dyn TensorSource>> {
     lora::open_ref(path)
 }

@@ -98,8 +98,9 @@ fn config_err(path: &Path, msg: impl Into<String>) -> Error {
 /// Parse and validate the header of the safetensors file `bytes` (the whole file, read from
 /// `path`). Returns the entries sorted by name. Checks: the header length is sane and inside the
 /// file; the header is a JSON object; every tensor has a supported dtype, a shape, and
-/// `data_offsets` inside the data region whose length equals dtype size × element count; no two
-/// tensors overlap.
+/// `data_offsets` inside the data region whose length equals dtype size × element count; the
+/// tensors tile the data region exactly (no gap, overlap or trailing bytes), as the reference
+/// `safetensors` crate requires.
 pub(crate) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>> {
     let file_len = bytes.len() as u64;
     if file_len < 8 {
@@ -228,25 +229,77 @@ pub(crate) fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>
         });
     }
 
-    // Overlap check: sort by start; each non-empty tensor must begin at or after the previous end.
-    let mut by_offset: Vec<&HeaderEntry> = entries.iter().filter(|e| e.end > e.start).collect();
+    // Tiling check, as the reference `safetensors` crate requires: in offset order the first
+    // tensor begins at 0, each begins where the previous one ends, and the last ends at the end
+    // of the data region. A gap, an overlap or trailing bytes mean the header and the data do
+    // not agree (e.g. a header length off by a few bytes, which would read every tensor shifted).
+    let mut by_offset: Vec<&HeaderEntry> = entries.iter().collect();
     by_offset.sort_by_key(|e| (e.start, e.end));
-    for pair in by_offset.windows(2) {
-        let (a, b) = (pair[0], pair[1]);
-        if b.start < a.end {
+    let mut pos = data_start;
+    let mut prev: Option<&HeaderEntry> = None;
+    for e in &by_offset {
+        let range = format!(
+            "data_offsets [{}, {}]",
+            e.start - data_start,
+            e.end - data_start
+        );
+        if e.start < pos {
+            let p = prev.expect("only a previous tensor can end after the data start");
             return Err(bad(
                 path,
-                &b.info.name,
+                &e.info.name,
                 format!(
-                    "data_offsets [{}, {}] overlap tensor `{}` at [{}, {}]",
-                    b.start - data_start,
-                    b.end - data_start,
-                    a.info.name,
-                    a.start - data_start,
-                    a.end - data_start
+                    "{range} overlap tensor `{}` at [{}, {}]",
+                    p.info.name,
+                    p.start - data_start,
+                    p.end - data_start
                 ),
             ));
         }
+        if e.start > pos {
+            let after = match prev {
+                Some(p) => format!(
+                    "after tensor `{}`, which ends at {}",
+                    p.info.name,
+                    p.end - data_start
+                ),
+                None => "at the start of the data region".to_string(),
+            };
+            return Err(bad(
+                path,
+                &e.info.name,
+                format!(
+                    "{range} leave a gap of {} bytes {after} (tensors must cover the data \
+                     region exactly)",
+                    e.start - pos
+                ),
+            ));
+        }
+        pos = e.end;
+        prev = Some(e);
+    }
+    if pos != bytes.len() {
+        let trailing = bytes.len() - pos;
+        return Err(match prev {
+            Some(p) => bad(
+                path,
+                &p.info.name,
+                format!(
+                    "data_offsets [{}, {}] end the last tensor, but the data region holds \
+                     {data_len} bytes: {trailing} trailing bytes (tensors must cover the data \
+                     region exactly; header length wrong?)",
+                    p.start - data_start,
+                    p.end - data_start
+                ),
+            ),
+            None => st_err(
+                path,
+                format!(
+                    "the header lists no tensors but {trailing} data bytes follow it (tensors \
+                     must cover the data region exactly; header length wrong?)"
+                ),
+            ),
+        });
     }
 
     Ok(entries)
@@ -277,6 +330,52 @@ impl<'de> serde::Deserialize<'de> for HeaderPairs {
         }
         d.deserialize_map(Pairs)
     }
+}
+
+/// `model-00002-of-00005.safetensors` → (2, 5).
+fn shard_number(file: &str) -> Option<(u32, u32)> {
+    let rest = file.strip_prefix("model-")?.strip_suffix(".safetensors")?;
+    let (i, n) = rest.split_once("-of-")?;
+    let digits = |s: &str| s.len() >= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(i) || !digits(n) {
+        return None;
+    }
+    Some((i.parse().ok()?, n.parse().ok()?))
+}
+
+/// When the weight map names its shards in the Hugging Face pattern
+/// (`model-0000i-of-0000n.safetensors`, one `n` for all), every shard 1..=n must be named: a
+/// shard the index never names holds tensors the model would silently lack (an entry deleted
+/// from a hand-edited index).
+fn check_shard_numbering<'a>(
+    index_path: &Path,
+    files: impl Iterator<Item = &'a str>,
+) -> Result<()> {
+    let mut numbers = BTreeSet::new();
+    let mut total = None;
+    for file in files {
+        let Some((i, n)) = shard_number(file) else {
+            return Ok(());
+        };
+        if total.is_some_and(|t| t != n) {
+            return Ok(());
+        }
+        total = Some(n);
+        numbers.insert(i);
+    }
+    let Some(n) = total else { return Ok(()) };
+    if n > 100_000 {
+        return Ok(());
+    }
+    if let Some(missing) = (1..=n).find(|i| !numbers.contains(i)) {
+        return Err(config_err(
+            index_path,
+            format!(
+                "`weight_map` names no tensor in shard {missing} of {n}                  (model-{missing:05}-of-{n:05}.safetensors): its tensors would be missing"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Open and map a file read-only.
@@ -319,6 +418,7 @@ impl Model {
         if !config.is_object() {
             return Err(config_err(&config_path, "config.json is not a JSON object"));
         }
+        crate::arch::check_config(&config).map_err(|msg| config_err(&config_path, msg))?;
 
         let single = dir.join(SINGLE_FILE);
         let index_path = dir.join(INDEX_FILE);
@@ -395,6 +495,10 @@ impl Model {
             }
             wanted.entry(file).or_default().push(tensor);
         }
+        if wanted.is_empty() {
+            return Err(config_err(index_path, "`weight_map` lists no tensors"));
+        }
+        check_shard_numbering(index_path, wanted.keys().copied())?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
         let mut shards = Vec::with_capacity(wanted.len());
         let mut placed = Vec::with_capacity(weight_map.len());
@@ -423,13 +527,28 @@ impl Model {
                     ),
                 ));
             }
+            // A tensor the shard holds but the weight map does not place here: a stale or
+            // hand-edited index. Dropping it would give a model that silently lacks a tensor
+            // (or holds it twice), so it is refused.
+            if let Some(extra) = found.difference(&names).next() {
+                let elsewhere = weight_map.get(*extra).and_then(Value::as_str);
+                return Err(bad(
+                    &path,
+                    extra,
+                    match elsewhere {
+                        Some(other) => format!(
+                            "held by this shard, but {} places it in shard `{other}`",
+                            index_path.display()
+                        ),
+                        None => format!(
+                            "held by this shard, but {} does not list it",
+                            index_path.display()
+                        ),
+                    },
+                ));
+            }
             let shard = shards.len();
-            placed.extend(
-                entries
-                    .into_iter()
-                    .filter(|e| names.contains(e.info.name.as_str()))
-                    .map(|e| (e, shard)),
-            );
+            placed.extend(entries.into_iter().map(|e| (e, shard)));
             shards.push(Shard { path, file, map });
         }
         Ok((shards, placed))
