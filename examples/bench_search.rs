@@ -132,6 +132,7 @@ fn synthetic(out: &std::path::Path) -> evomerge::Result<RunSummary> {
             plots: true,
             stop_after_evals: None,
             device: None,
+            finish: Some(evomerge::pipeline::report_hook()),
         },
     )
 }
@@ -162,6 +163,7 @@ fn main() -> anyhow::Result<()> {
                 plots: false,
                 stop_after_evals: None,
                 device: None,
+                finish: None,
             };
             let search = Search::prepare(&def, &opts)?;
             (format!("{path} (1 slot)"), search.run(&out, &opts)?)

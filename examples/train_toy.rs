@@ -27,17 +27,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use evomerge::candidate::{Candidate, CandidateBody, MemModel, TensorMap};
+use evomerge::candle_core::Device;
 use evomerge::eval::Split;
 use evomerge::eval::lm::{LmConfig, LmEvaluator};
-use evomerge::eval::tasks::{Metric, Task, TaskSpec};
+use evomerge::eval::tasks::{self, Metric, Task, TaskSpec};
 use evomerge::merge::executor::merge_in_memory;
 use evomerge::model::LlamaConfig;
-use evomerge::model::train::{Example, TrainConfig, init_weights, train};
+use evomerge::model::train::{
+    TrainConfig, TrainExample, encode_plain, init_weights, load_task_examples, train,
+};
 use evomerge::recipe::Recipe;
-use evomerge::store::{Model, ModelSet, ModelWriter, TensorInfo, WriteConfig};
-use evomerge::tensor::DType;
+use evomerge::store::{ModelSet, load_mem_f32, save_model_dir};
 use evomerge::tokenizer::{CharTokenizer, TextTokenizer};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -187,11 +188,12 @@ fn cipher_task(rng: &mut StdRng) -> Splits {
 fn pretrain_data(
     rng: &mut StdRng,
     n: usize,
-    add: &[(String, String)],
-    cipher: &[(String, String)],
-) -> Vec<(String, String)> {
+    add: &[tasks::Example],
+    cipher: &[tasks::Example],
+) -> Vec<tasks::Example> {
     let alnum = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let letters = b"abcdefghijklmnopqrstuvwxyz";
+    let pair = |(prompt, target): (String, String)| tasks::Example::Generation { prompt, target };
     (0..n)
         .map(|i| {
             let u: f64 = rng.random();
@@ -202,7 +204,7 @@ fn pretrain_data(
             if u < add_share + cipher_share {
                 return cipher[rng.random_range(0..cipher.len())].clone();
             }
-            match i % 5 {
+            pair(match i % 5 {
                 0 => {
                     let w = random_word(rng, alnum, 1, 6);
                     (format!("cp:{w}="), w)
@@ -223,7 +225,7 @@ fn pretrain_data(
                     let w = random_word(rng, letters, 1, 6);
                     (format!("sh:{w}="), shift(&w, 1))
                 }
-            }
+            })
         })
         .collect()
 }
@@ -240,70 +242,30 @@ fn write_jsonl(path: &Path, rows: &[(String, String)]) -> Result<()> {
     std::fs::write(path, s).with_context(|| path.display().to_string())
 }
 
-fn read_train(path: &Path) -> Result<Vec<(String, String)>> {
+/// A task's train split, as the library reads task JSONL.
+fn read_train(path: &Path) -> Result<Vec<tasks::Example>> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l)?;
-            Ok((
-                v["prompt"].as_str().context("prompt")?.to_string(),
-                v["target"].as_str().context("target")?.to_string(),
-            ))
-        })
-        .collect()
+    Ok(tasks::parse_examples(
+        path,
+        &text,
+        Metric::ExactMatch,
+        None,
+    )?)
 }
 
-/// `[BOS] prompt target [EOS]`, loss on `target [EOS]` (what the LM evaluator generates from).
-fn encode(rows: &[(String, String)]) -> Result<Vec<Example>> {
-    let tok = CharTokenizer;
-    rows.iter()
-        .map(|(p, t)| {
-            let mut prompt = vec![CharTokenizer::BOS];
-            prompt.extend(tok.encode(p)?);
-            let mut target = tok.encode(t)?;
-            target.push(CharTokenizer::EOS);
-            Ok(Example::prompt_target(&prompt, &target))
-        })
-        .collect()
-}
-
+/// Replace `dir` with a model directory holding `tensors`.
 fn save(dir: &Path, config: &serde_json::Value, tensors: &TensorMap, card: &str) -> Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }
-    let infos: Vec<TensorInfo> = tensors
-        .iter()
-        .map(|(name, t)| TensorInfo {
-            name: name.clone(),
-            dtype: DType::F32,
-            shape: t.shape.clone(),
-        })
-        .collect();
-    let writer = ModelWriter::create(dir, &infos, &WriteConfig::default())?;
-    for (name, t) in tensors {
-        writer.write(name, &t.values())?;
-    }
-    writer.finish(config, None, card)?;
+    save_model_dir(dir, config, tensors, None, card)?;
     Ok(())
-}
-
-fn load(dir: &Path) -> Result<MemModel> {
-    let m = Model::open(dir)?;
-    let mut tensors = TensorMap::new();
-    for info in m.tensors() {
-        tensors.insert(info.name.clone(), m.read(&info.name)?);
-    }
-    Ok(MemModel {
-        config: m.config().clone(),
-        tensors,
-    })
 }
 
 fn run_training(
     what: &str,
     start: &TensorMap,
-    data: &[Example],
+    data: &[TrainExample],
     tc: &TrainConfig,
 ) -> Result<TensorMap> {
     let t0 = Instant::now();
@@ -348,9 +310,9 @@ fn evaluate(out: &Path) -> Result<()> {
         ..LmConfig::default()
     };
     let eval = LmEvaluator::try_new(tasks, tok, config)?;
-    let base = load(&out.join("base"))?;
-    let add = load(&out.join("add"))?;
-    let cipher = load(&out.join("cipher"))?;
+    let base = load_mem_f32(&out.join("base"))?;
+    let add = load_mem_f32(&out.join("add"))?;
+    let cipher = load_mem_f32(&out.join("cipher"))?;
     let mut rows: Vec<(String, MemModel)> = vec![
         ("base".into(), base.clone()),
         ("add".into(), add.clone()),
@@ -378,7 +340,7 @@ fn evaluate(out: &Path) -> Result<()> {
         };
         let mut cells = Vec::new();
         if std::env::var_os("TOY_SHOW").is_some() {
-            let model = evomerge::model::build(&cand, &Device::Cpu, candle_core::DType::F32)?;
+            let model = evomerge::model::build(&cand, &Device::Cpu, evomerge::ComputeDType::F32)?;
             let prompts = ["37+45=", "19+83=", "enc:hello=", "enc:world="];
             let outs = eval.generate(model.as_ref(), &prompts, 8, "\n")?;
             eprintln!("{name}: {outs:?}");
@@ -438,7 +400,11 @@ fn main() -> Result<()> {
         let mut rng = StdRng::seed_from_u64(SEED + 1);
         let add = read_train(&out.join("tasks/add/train.jsonl"))?;
         let cipher = read_train(&out.join("tasks/cipher/train.jsonl"))?;
-        let data = encode(&pretrain_data(&mut rng, 50_000, &add, &cipher))?;
+        // `[BOS] prompt`, then `target [EOS]` (loss), as the LM evaluator prompts a task.
+        let data = encode_plain(
+            &pretrain_data(&mut rng, 50_000, &add, &cipher),
+            &CharTokenizer,
+        )?;
         let init = init_weights(&cfg, SEED);
         let base = run_training("base", &init, &data, &base_train())?;
         save(
@@ -449,10 +415,10 @@ fn main() -> Result<()> {
         )?;
     }
     if all || stage == "experts" {
-        let base = load(&out.join("base"))?;
+        let base = load_mem_f32(&out.join("base"))?;
         for (i, task) in ["add", "cipher"].iter().enumerate() {
-            let rows = read_train(&out.join("tasks").join(task).join("train.jsonl"))?;
-            let data = encode(&rows)?;
+            let (_, data) =
+                load_task_examples(&out.join("tasks").join(task), None, &CharTokenizer, None)?;
             let tc = expert_train(SEED + 10 + i as u64);
             let tuned = run_training(task, &base.tensors, &data, &tc)?;
             let card = format!("Toy `{task}` expert fine-tuned from ../base (evomerge).");

@@ -23,29 +23,9 @@ pub struct MemModel {
 
 impl MemModel {
     /// Read a model directory (or any reference [`crate::store::open_source`] opens, such as
-    /// `BASE+ADAPTER`) into memory, every tensor in its stored dtype (a bf16 checkpoint takes its
-    /// file size, not twice that). Reads a chunk at a time with positioned reads, so the file's
-    /// pages are not counted in our RSS.
+    /// `BASE+ADAPTER`) into memory, every tensor in its stored dtype: [`crate::store::load_mem`].
     pub fn read_dir(dir: &Path) -> Result<MemModel> {
-        const CHUNK: usize = 1 << 16;
-        let model = crate::store::open_source(dir)?;
-        let mut tensors = TensorMap::new();
-        let mut buf = Vec::new();
-        for info in &model.tensor_infos() {
-            let n = info.numel();
-            let mut t = TensorBuf::zeros(info.shape.clone(), info.dtype);
-            for start in (0..n).step_by(CHUNK) {
-                let len = CHUNK.min(n - start);
-                buf.resize(len, 0f32);
-                model.read_range_into(&info.name, start, &mut buf)?;
-                t.write_range(start, &buf);
-            }
-            tensors.insert(info.name.clone(), t);
-        }
-        Ok(MemModel {
-            config: model.config().clone(),
-            tensors,
-        })
+        crate::store::load_mem(dir)
     }
 
     /// Bytes its tensors take in memory.

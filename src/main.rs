@@ -249,8 +249,9 @@ struct FinetuneArgs {
 
 /// `evomerge finetune`: LoRA adapters trained on the tasks' train splits, saved for PEFT.
 fn finetune_command(a: &FinetuneArgs) -> anyhow::Result<()> {
-    use evomerge::model::lora::{LoraConfig, load_task_examples, train_lora};
+    use evomerge::model::lora::{LoraConfig, train_lora};
     use evomerge::model::train::TrainConfig;
+    use evomerge::model::train::load_task_examples;
 
     anyhow::ensure!(
         !a.out.exists(),
@@ -554,7 +555,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
 /// Align every model of `recipe` to its base (or first) model and register the permuted copies
 /// in `models`, so the merge reads them instead of the files.
 fn align_inputs(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> anyhow::Result<()> {
-    use evomerge::align::{MatchConfig, align, load_dir};
+    use evomerge::align::{MatchConfig, align};
+    use evomerge::store::load_mem_f32;
 
     let refs = recipe.referenced_models();
     let reference = recipe
@@ -564,7 +566,7 @@ fn align_inputs(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> anyhow::Re
         .context("the recipe names no model to align to")?
         .path
         .clone();
-    let target = load_dir(&reference)?;
+    let target = load_mem_f32(&reference)?;
     let config = MatchConfig {
         seed,
         ..MatchConfig::default()
@@ -574,7 +576,7 @@ fn align_inputs(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> anyhow::Re
         if m.path == reference || !done.insert(m.path.clone()) {
             continue;
         }
-        let (aligned, matching) = align(&target, &load_dir(&m.path)?, &config)
+        let (aligned, matching) = align(&target, &load_mem_f32(&m.path)?, &config)
             .with_context(|| format!("aligning {} to {}", m.path.display(), reference.display()))?;
         eprintln!(
             "aligned {} to {}: {} permutation groups, {} sweeps",
@@ -605,7 +607,7 @@ fn print_summary(
         summary.failures,
         out_dir.display()
     );
-    if summary.report.is_some() {
+    if summary.test_rows.is_some() {
         write_stdout(&evomerge::report::report(out_dir)?)?;
     }
     Ok(())
@@ -803,7 +805,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device,
                 ..Default::default()
             };
-            let summary = evomerge::search::run::run_search(&def, &out_dir, &options)
+            let summary = evomerge::pipeline::run_search(&def, &out_dir, &options)
                 .with_context(|| format!("search {}", search.display()))?;
             print_summary(&out_dir, &summary)?;
         }
@@ -817,7 +819,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device,
                 ..Default::default()
             };
-            let summary = evomerge::search::run::resume_with(&out_dir, &options)
+            let summary = evomerge::pipeline::resume(&out_dir, &options)
                 .with_context(|| format!("resuming {}", out_dir.display()))?;
             print_summary(&out_dir, &summary)?;
         }

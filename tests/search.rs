@@ -189,6 +189,7 @@ fn quiet() -> RunOptions {
         plots: false,
         stop_after_evals: None,
         device: None,
+        finish: Some(evomerge::pipeline::report_hook()),
     }
 }
 
@@ -1472,4 +1473,40 @@ fn report_md_carries_the_search_summary() {
     assert!(printed.contains("Accuracy and fitness in %"), "{printed}");
     let saved = evomerge::report::load(dir.path()).unwrap();
     assert_eq!(saved.summary.unwrap().evaluations, 18);
+}
+
+#[test]
+fn the_search_returns_the_report_rows_and_the_pipeline_writes_the_report() {
+    let s = ps_search(1, 2, Arc::new(Quadratic::new()));
+    // Without the hook the search writes its own outputs but no report or plots ...
+    let bare = tempfile::tempdir().unwrap();
+    let opts = RunOptions {
+        finish: None,
+        plots: true,
+        ..quiet()
+    };
+    let sum = s.run(bare.path(), &opts).unwrap();
+    assert!(bare.path().join("best_recipe.yaml").exists());
+    assert!(!bare.path().join("report.md").exists());
+    assert!(!bare.path().join("plots").exists());
+    // ... and returns what the report needs.
+    let rows = sum.test_rows.as_ref().unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ["default merge", "evolved (PS)"]
+    );
+    assert_eq!(sum.result_file.as_deref(), Some("best_recipe.yaml"));
+    let report = evomerge::report::from_run(&sum).unwrap();
+    assert_eq!(report.rows, *rows);
+    assert_eq!(
+        report.summary.as_ref().unwrap().result_file,
+        "best_recipe.yaml"
+    );
+    // The pipeline runs the report after the search.
+    let full = tempfile::tempdir().unwrap();
+    let sum = evomerge::pipeline::run(&s, full.path(), &opts).unwrap();
+    let saved = evomerge::report::load(full.path()).unwrap();
+    assert_eq!(saved.rows, *sum.test_rows.as_ref().unwrap());
+    assert!(full.path().join("report.md").exists());
+    assert!(full.path().join("plots").exists());
 }

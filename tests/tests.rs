@@ -7,6 +7,7 @@ mod eval;
 mod finetune;
 mod fuzz;
 mod gguf;
+mod library;
 mod lora;
 mod merge;
 mod methods;

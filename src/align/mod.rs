@@ -396,19 +396,6 @@ pub fn align(
     ))
 }
 
-/// Read every tensor of a model directory (any layout the store opens) as `f32`.
-pub fn load_dir(dir: &Path) -> Result<MemModel> {
-    let model = crate::store::Model::open(dir)?;
-    let mut tensors = TensorMap::new();
-    for info in model.tensors() {
-        tensors.insert(info.name.clone(), model.read(&info.name)?);
-    }
-    Ok(MemModel {
-        config: model.config().clone(),
-        tensors,
-    })
-}
-
 /// `evomerge align REF OTHER OUT`: open two Hugging Face model directories (single or sharded
 /// safetensors, any dtype), and write `other` aligned to `reference` into `out` with `other`'s
 /// config.json, dtypes and tokenizer files. Returns the matching.
@@ -418,9 +405,9 @@ pub fn align_dirs(
     out: &Path,
     config: &MatchConfig,
 ) -> Result<Matching> {
-    let r = load_dir(reference)?;
+    let r = crate::store::load_mem_f32(reference)?;
     let source = crate::store::Model::open(other)?;
-    let o = load_dir(other)?;
+    let o = crate::store::load_mem_f32(other)?;
     let (aligned, matching) = align(&r, &o, config)?;
     let writer = crate::store::ModelWriter::create(
         out,

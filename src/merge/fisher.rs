@@ -211,9 +211,9 @@ pub fn mlp_fisher(
 pub fn lm_examples(
     examples: &[crate::eval::tasks::Example],
     tokenizer: &dyn crate::tokenizer::TextTokenizer,
-) -> Result<Vec<crate::model::train::Example>> {
+) -> Result<Vec<crate::model::train::TrainExample>> {
     use crate::eval::tasks::Example as Task;
-    use crate::model::train::Example;
+    use crate::model::train::TrainExample;
     let bos: Vec<u32> = tokenizer.bos_id().into_iter().collect();
     examples
         .iter()
@@ -227,7 +227,7 @@ pub fn lm_examples(
                         .collect();
                     let mut target = tokenizer.encode(target)?;
                     target.extend(tokenizer.eos_id());
-                    Example::prompt_target(&prompt, &target)
+                    TrainExample::prompt_target(&prompt, &target)
                 }
                 Task::Choice {
                     prompt,
@@ -242,12 +242,12 @@ pub fn lm_examples(
                     let choice = choices.get(*answer).ok_or_else(|| {
                         Error::msg(format!("answer {answer} of {} choices", choices.len()))
                     })?;
-                    Example::prompt_target(&prompt, &tokenizer.encode(choice)?)
+                    TrainExample::prompt_target(&prompt, &tokenizer.encode(choice)?)
                 }
                 Task::Text { text } => {
                     let ids: Vec<u32> =
                         bos.iter().copied().chain(tokenizer.encode(text)?).collect();
-                    Example::text(&ids)
+                    TrainExample::text(&ids)
                 }
             })
         })
@@ -261,7 +261,7 @@ pub fn lm_examples(
 /// storage dtype (each tensor is cast on its way to the device).
 pub fn lm_fisher(
     model: &crate::candidate::MemModel,
-    examples: &[crate::model::train::Example],
+    examples: &[crate::model::train::TrainExample],
     device: &Device,
 ) -> Result<TensorMap> {
     use crate::model::train::{lm_loss, make_batch};

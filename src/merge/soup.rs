@@ -139,7 +139,7 @@ pub fn uniform_soup_dirs(dirs: &[&std::path::Path], out: &std::path::Path) -> Re
         .ok_or_else(|| Error::msg("a soup needs at least one model directory"))?;
     let models: Vec<MemModel> = dirs
         .iter()
-        .map(|d| crate::align::load_dir(d))
+        .map(|d| crate::store::load_mem_f32(d))
         .collect::<Result<_>>()?;
     let refs: Vec<&MemModel> = models.iter().collect();
     let soup = uniform_soup(&refs)?;

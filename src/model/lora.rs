@@ -10,9 +10,8 @@
 //! positions only (its vocabulary-wide product over every position would dominate the step).
 //! Deterministic for a seed and thread count.
 //!
-//! [`load_task_examples`] encodes a task's `train.jsonl` exactly as the LM evaluator prompts it
-//! ([`render_prompt`], the same BOS handling, the task's chat template and few-shot setting), the
-//! target followed by the tokenizer's EOS. [`LoraAdapter::save_peft`] writes
+//! [`crate::model::train::load_task_examples`] encodes a task's `train.jsonl` exactly as the LM
+//! evaluator prompts it, the target followed by the tokenizer's EOS. [`LoraAdapter::save_peft`] writes
 //! `adapter_config.json` and `adapter_model.safetensors` as PEFT reads them
 //! (`base_model.model.<module>.lora_A.weight` `[r, in]`, `.lora_B.weight` `[out, r]`, f32).
 
@@ -24,19 +23,15 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use serde::Deserialize;
 
 use crate::candidate::TensorMap;
 use crate::error::{Error, Result};
-use crate::eval::lm::render_prompt;
-use crate::eval::tasks::{self, Metric, Task, TaskSpec};
-use crate::model::train::{Example, TrainConfig};
+use crate::model::train::{TrainConfig, TrainExample};
 use crate::model::transformer::{
     Kernels, LlamaConfig, Transformer, apply_rope, grouped_attention, log_softmax_last, rms_norm,
     rope_values,
 };
 use crate::tensor::TensorBuf;
-use crate::tokenizer::TextTokenizer;
 
 /// The linear modules of a decoder layer, in layer order, with the block that holds each.
 pub const LINEAR_MODULES: [(&str, &str); 7] = [
@@ -731,7 +726,7 @@ impl candle_core::CustomOp1 for Frozen {
 /// A padded batch for the target-only loss: inputs `[b, s]` (padded with 0; attention is causal,
 /// so padding after a row's end changes none of its positions), the flat positions `row · s + t`
 /// whose next token counts, and those tokens.
-fn target_batch(examples: &[&Example], device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+fn target_batch(examples: &[&TrainExample], device: &Device) -> Result<(Tensor, Tensor, Tensor)> {
     let s = examples
         .iter()
         .map(|e| e.ids.len())
@@ -794,7 +789,7 @@ pub fn target_loss(
 pub fn train_lora(
     config: &serde_json::Value,
     base: &TensorMap,
-    data: &[Example],
+    data: &[TrainExample],
     lora: &LoraConfig,
     tc: &TrainConfig,
     device: &Device,
@@ -834,142 +829,6 @@ pub fn train_lora(
     model.adapter()
 }
 
-/// A tasks file's entries, without loading their dev / test splits.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TaskSpecs {
-    tasks: Vec<TaskSpec>,
-}
-
-/// The training examples of `path`: a tasks TOML file (every task's `train.jsonl`, or only the
-/// task named `only`) or a task directory holding `train.jsonl` (an `exact_match` task named
-/// `only` or after the directory). At most `max_examples` per task (the first ones). Each
-/// example is encoded as the LM evaluator prompts it (see [`encode_examples`]). Returns the task
-/// names and the examples.
-pub fn load_task_examples(
-    path: &Path,
-    only: Option<&str>,
-    tokenizer: &dyn TextTokenizer,
-    max_examples: Option<usize>,
-) -> Result<(Vec<String>, Vec<Example>)> {
-    let specs = if path.is_dir() {
-        let name = match only {
-            Some(n) => n.to_string(),
-            None => path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "task".into()),
-        };
-        vec![TaskSpec::new(name, path, Metric::ExactMatch)]
-    } else {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: TaskSpecs = toml::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let all: Vec<TaskSpec> = file.tasks.iter().map(|t| t.relative_to(base)).collect();
-        match only {
-            None => all,
-            Some(n) => {
-                let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
-                let found: Vec<TaskSpec> = all.iter().filter(|t| t.name == n).cloned().collect();
-                if found.is_empty() {
-                    return Err(Error::Config {
-                        path: path.to_path_buf(),
-                        msg: format!("no task named `{n}` (tasks: {})", names.join(", ")),
-                    });
-                }
-                found
-            }
-        }
-    };
-    let mut names = Vec::new();
-    let mut out = Vec::new();
-    for spec in specs {
-        let train_path = spec.train_path();
-        let contents =
-            std::fs::read_to_string(&train_path).map_err(|e| Error::io(&train_path, e))?;
-        let examples = tasks::parse_examples(&train_path, &contents, spec.metric, max_examples)?;
-        let all_train = if spec.fewshot > 0 {
-            tasks::parse_examples(&train_path, &contents, spec.metric, None)?
-        } else {
-            Vec::new()
-        };
-        let name = spec.name.clone();
-        let task = Task::from_examples_with_train(spec, &all_train, Vec::new(), Vec::new())?;
-        let encoded = encode_examples(&task, &examples, tokenizer)
-            .map_err(|e| Error::msg(format!("task `{name}`, {}: {e}", train_path.display())))?;
-        names.push(name);
-        out.extend(encoded);
-    }
-    Ok((names, out))
-}
-
-/// Encode `examples` of `task` as the LM evaluator sees them: the context is the task's
-/// rendered prompt ([`render_prompt`]: shots, chat template) with the tokenizer's BOS before it
-/// when the evaluator puts one there; the target (loss) is a generation's target followed by
-/// EOS, or a choice's correct answer (what `multiple_choice` scores); a text is all target
-/// after its BOS (or EOS) start token.
-pub fn encode_examples(
-    task: &Task,
-    examples: &[tasks::Example],
-    tok: &dyn TextTokenizer,
-) -> Result<Vec<Example>> {
-    let context = |prompt: &str| -> Result<Vec<u32>> {
-        let (text, add_bos) = render_prompt(task, prompt, tok)?;
-        let mut ids: Vec<u32> = tok.bos_id().filter(|_| add_bos).into_iter().collect();
-        ids.extend(tok.encode(&text)?);
-        if ids.is_empty() {
-            ids.extend(tok.eos_id());
-        }
-        if ids.is_empty() {
-            return Err(Error::msg(
-                "empty context and the tokenizer has neither BOS nor EOS",
-            ));
-        }
-        Ok(ids)
-    };
-    examples
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let at = |e: Error| Error::msg(format!("example {}: {e}", i + 1));
-            Ok(match e {
-                tasks::Example::Generation { prompt, target } => {
-                    let ctx = context(prompt).map_err(at)?;
-                    let mut t = tok.encode(target).map_err(at)?;
-                    t.extend(tok.eos_id());
-                    if t.is_empty() {
-                        return Err(at(Error::msg("empty target and no EOS")));
-                    }
-                    Example::prompt_target(&ctx, &t)
-                }
-                tasks::Example::Choice {
-                    prompt,
-                    choices,
-                    answer,
-                } => {
-                    let ctx = context(prompt).map_err(at)?;
-                    let t = tok.encode(&choices[*answer]).map_err(at)?;
-                    if t.is_empty() {
-                        return Err(at(Error::msg("the correct choice has no tokens")));
-                    }
-                    Example::prompt_target(&ctx, &t)
-                }
-                tasks::Example::Text { text } => {
-                    let start = tok.bos_id().or(tok.eos_id()).ok_or_else(|| {
-                        at(Error::msg("a text needs a BOS or EOS token to start from"))
-                    })?;
-                    let mut ids = vec![start];
-                    ids.extend(tok.encode(text).map_err(at)?);
-                    Example::text(&ids)
-                }
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -983,7 +842,7 @@ mod tests {
         })
     }
 
-    fn setup() -> (serde_json::Value, TensorMap, Vec<Example>) {
+    fn setup() -> (serde_json::Value, TensorMap, Vec<TrainExample>) {
         let config = tiny_config();
         let cfg = LlamaConfig::from_json(&config).unwrap();
         // Weights ~ N(0, 0.5²): large enough for the (frozen, tied) head to express confident
@@ -999,9 +858,9 @@ mod tests {
             })
             .collect();
         let data = vec![
-            Example::prompt_target(&[1, 3], &[5, 7, 2]),
-            Example::prompt_target(&[1, 4], &[6, 2]),
-            Example::prompt_target(&[1, 5, 5], &[3, 2]),
+            TrainExample::prompt_target(&[1, 3], &[5, 7, 2]),
+            TrainExample::prompt_target(&[1, 4], &[6, 2]),
+            TrainExample::prompt_target(&[1, 5, 5], &[3, 2]),
         ];
         (config, base, data)
     }
@@ -1200,7 +1059,7 @@ mod tests {
         .unwrap();
         adapter.notes.clear();
         let model = LoraModel::from_adapter(&config, &base, &adapter, &Device::Cpu).unwrap();
-        let batch: Vec<&Example> = data.iter().collect();
+        let batch: Vec<&TrainExample> = data.iter().collect();
         let (inputs, positions, targets) = target_batch(&batch, &Device::Cpu).unwrap();
         let aware = target_loss(&model, &inputs, &positions, &targets).unwrap();
         let net = model.transformer().unwrap();
@@ -1338,41 +1197,5 @@ mod tests {
         .to_string();
         assert!(err.contains("`qkv`"), "{err}");
         assert!(err.contains("q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"));
-    }
-
-    #[test]
-    fn task_examples_are_encoded_as_the_evaluator_prompts_them() {
-        let tok = crate::tokenizer::CharTokenizer::new();
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("add");
-        std::fs::create_dir(&dir).unwrap();
-        std::fs::write(
-            dir.join("train.jsonl"),
-            "{\"prompt\":\"1+2=\",\"target\":\"3\"}\n{\"prompt\":\"2+2=\",\"target\":\"4\"}\n",
-        )
-        .unwrap();
-        let (names, ex) = load_task_examples(&dir, None, &tok, Some(1)).unwrap();
-        assert_eq!(names, vec!["add"]);
-        assert_eq!(ex.len(), 1);
-        let mut prompt = vec![tok.bos_id().unwrap()];
-        prompt.extend(tok.encode("1+2=").unwrap());
-        let mut target = tok.encode("3").unwrap();
-        target.push(tok.eos_id().unwrap());
-        assert_eq!(ex[0], Example::prompt_target(&prompt, &target));
-        // From a tasks file with few-shot: the shots come before the prompt.
-        std::fs::write(
-            tmp.path().join("tasks.toml"),
-            "[[tasks]]\nname = \"add\"\npath = \"add\"\nmetric = \"exact_match\"\nfewshot = 1\n",
-        )
-        .unwrap();
-        let (_, ex) =
-            load_task_examples(&tmp.path().join("tasks.toml"), Some("add"), &tok, None).unwrap();
-        assert_eq!(ex.len(), 2);
-        let n_prompt = ex[0].loss_mask.iter().filter(|m| !**m).count();
-        assert!(n_prompt > 1 + 4 + 1, "shots prefixed: {n_prompt}");
-        let err = load_task_examples(&tmp.path().join("tasks.toml"), Some("nope"), &tok, None)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("no task named `nope`"), "{err}");
     }
 }

@@ -2,9 +2,25 @@
 //! merged tensors or data-flow routes from memory, incremental decoding with a KV cache
 //! ([`decode`]), and the training loop that made the toy world.
 //!
+//! **Opening a model**: [`Transformer::open`] takes a model directory (or `BASE+ADAPTER`, a
+//! PEFT adapter directory, a cached hub id: anything [`crate::store::open_source`] opens) to a
+//! runnable forward:
+//!
+//! ```no_run
+//! use evomerge::candle_core::{DType, Device, Tensor};
+//! use evomerge::model::{CausalLm, Transformer};
+//! # fn main() -> evomerge::Result<()> {
+//! let model = Transformer::open("assets/toy/base", &Device::Cpu, DType::F32)?;
+//! let ids = Tensor::new(&[[1u32, 7, 8]], &Device::Cpu)?;
+//! let logits = model.forward(&ids)?; // [batch, seq, vocab], f32
+//! assert_eq!(logits.dims3()?.2, model.vocab_size());
+//! # Ok(()) }
+//! ```
+//!
 //! [`build`] turns any [`Candidate`] into a [`CausalLm`] computing in the dtype it is given:
-//! merged tensors become a [`Transformer`], a route becomes a [`RoutedModel`], a model directory
-//! is opened with [`crate::store::Model::open`].
+//! merged tensors become a [`Transformer`] ([`Transformer::from_mem`]), a route becomes a
+//! [`RoutedModel`], a model directory is opened with [`Transformer::open`]. A model held in
+//! memory comes from [`crate::store::load_mem`].
 
 pub mod decode;
 pub mod lora;
@@ -94,13 +110,6 @@ pub fn build(candidate: &Candidate, device: &Device, dtype: DType) -> Result<Box
                 route: route.clone(),
             }))
         }
-        CandidateBody::Dir(dir) => {
-            let model = crate::store::open_source(dir)?;
-            Ok(Box::new(Transformer::from_source(
-                model.as_ref(),
-                device,
-                dtype,
-            )?))
-        }
+        CandidateBody::Dir(dir) => Ok(Box::new(Transformer::open(dir, device, dtype)?)),
     }
 }

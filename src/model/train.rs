@@ -6,15 +6,35 @@
 //! are drawn from the same kind of RNG, and the forward is [`Transformer`] itself (plain
 //! differentiable ops).
 //!
+//! Bringing your own experts takes four library calls: read a task's `train.jsonl` and encode it
+//! as the LM evaluator prompts it ([`load_task_examples`]; in-memory prompt / target pairs:
+//! [`encode_plain`]), train ([`train`], from [`init_weights`] or a model read with
+//! [`crate::store::load_mem_f32`]), and write a Hugging Face model directory
+//! ([`crate::store::save_model_dir`]):
+//!
 //! ```no_run
-//! # use evomerge::model::train::*;
-//! # fn demo(config: &serde_json::Value, data: &[Example]) -> evomerge::Result<()> {
-//! let cfg = evomerge::model::LlamaConfig::from_json(config)?;
-//! let init = init_weights(&cfg, 42);
-//! let tc = TrainConfig { steps: 100, ..TrainConfig::default() };
-//! let trained = train(config, &init, data, &tc, &candle_core::Device::Cpu, |_, _| {})?;
+//! use evomerge::model::train::{TrainConfig, init_weights, load_task_examples, train};
+//! use evomerge::tokenizer::CharTokenizer;
+//! # fn main() -> evomerge::Result<()> {
+//! let base = evomerge::store::load_mem_f32("assets/toy/base".as_ref())?;
+//! let (_, data) =
+//!     load_task_examples("assets/toy/tasks/add".as_ref(), None, &CharTokenizer, None)?;
+//! let tc = TrainConfig { steps: 100, batch_size: 64, lr: 5e-4, ..TrainConfig::default() };
+//! let device = evomerge::candle_core::Device::Cpu;
+//! let tuned = train(&base.config, &base.tensors, &data, &tc, &device, |_, _| {})?;
+//! evomerge::store::save_model_dir("my-add".as_ref(), &base.config, &tuned, None, "My expert.")?;
+//! // A model from scratch starts from seeded random weights:
+//! let cfg = evomerge::model::LlamaConfig::from_json(&base.config)?;
+//! let _init = init_weights(&cfg, 42);
 //! # Ok(()) }
 //! ```
+//!
+//! **Threads.** For tiny models on CPU, set `CANDLE_NUM_THREADS=1` before anything runs (in the
+//! environment, or with `std::env::set_var` at the top of `main`, before any other thread
+//! exists): candle's elementwise ops hand work to a spinning barrier pool whose spinning made a
+//! training step of the 208k-parameter toy model ~15× slower on a busy 2-core machine (0.9 s →
+//! 0.07 s per step; see `assets/toy/README.md`). Matmuls still use the rayon pool. Larger models
+//! (hidden sizes in the thousands) gain from candle's default instead.
 
 use std::collections::HashMap;
 
@@ -24,30 +44,37 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
+use std::path::Path;
+
+use serde::Deserialize;
+
 use crate::candidate::TensorMap;
 use crate::error::{Error, Result};
+use crate::eval::lm::render_prompt;
+use crate::eval::tasks::{self, Metric, Task, TaskSpec};
 use crate::model::transformer::{LlamaConfig, Transformer, log_softmax_last};
 use crate::tensor::TensorBuf;
+use crate::tokenizer::TextTokenizer;
 
 /// One training sequence: `ids` (with bos / eos as wanted) and, per position `t`, whether
 /// predicting `ids[t]` from `ids[..t]` counts in the loss (`loss_mask[0]` is ignored).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Example {
+pub struct TrainExample {
     pub ids: Vec<u32>,
     pub loss_mask: Vec<bool>,
 }
 
-impl Example {
+impl TrainExample {
     /// A prompt / target pair: loss on the target tokens only.
     pub fn prompt_target(prompt: &[u32], target: &[u32]) -> Self {
         let ids: Vec<u32> = prompt.iter().chain(target).copied().collect();
         let loss_mask = (0..ids.len()).map(|i| i >= prompt.len()).collect();
-        Example { ids, loss_mask }
+        TrainExample { ids, loss_mask }
     }
 
     /// Plain text: loss on every token after the first.
     pub fn text(ids: &[u32]) -> Self {
-        Example {
+        TrainExample {
             ids: ids.to_vec(),
             loss_mask: (0..ids.len()).map(|i| i > 0).collect(),
         }
@@ -121,7 +148,7 @@ pub fn init_weights(cfg: &LlamaConfig, seed: u64) -> TensorMap {
 /// Build a padded batch: inputs `[b, s]`, targets `[b, s]`, mask `[b, s]` (f32), where
 /// `s` = longest example − 1.
 pub fn make_batch(
-    examples: &[&Example],
+    examples: &[&TrainExample],
     pad_id: u32,
     device: &Device,
 ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -178,7 +205,7 @@ pub fn lm_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tenso
 pub fn train(
     config: &serde_json::Value,
     start: &TensorMap,
-    data: &[Example],
+    data: &[TrainExample],
     tc: &TrainConfig,
     device: &Device,
     mut log: impl FnMut(usize, f32),
@@ -203,7 +230,7 @@ pub fn train(
     let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
     let mut rng = StdRng::seed_from_u64(tc.seed);
     for step in 0..tc.steps {
-        let batch: Vec<&Example> = (0..tc.batch_size)
+        let batch: Vec<&TrainExample> = (0..tc.batch_size)
             .map(|_| &data[rng.random_range(0..data.len())])
             .collect();
         let (inputs, targets, mask) = make_batch(&batch, tc.pad_id, device)?;
@@ -221,6 +248,158 @@ pub fn train(
             Ok((name, TensorBuf::new(shape, data)))
         })
         .collect()
+}
+
+/// A tasks file's entries, without loading their dev / test splits.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskSpecs {
+    tasks: Vec<TaskSpec>,
+}
+
+/// The training examples of `path`: a tasks TOML file (every task's `train.jsonl`, or only the
+/// task named `only`) or a task directory holding `train.jsonl` (an `exact_match` task named
+/// `only` or after the directory). At most `max_examples` per task (the first ones). Each
+/// example is encoded as the LM evaluator prompts it (see [`encode_examples`]). Returns the task
+/// names and the examples.
+pub fn load_task_examples(
+    path: &Path,
+    only: Option<&str>,
+    tokenizer: &dyn TextTokenizer,
+    max_examples: Option<usize>,
+) -> Result<(Vec<String>, Vec<TrainExample>)> {
+    let specs = if path.is_dir() {
+        let name = match only {
+            Some(n) => n.to_string(),
+            None => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "task".into()),
+        };
+        vec![TaskSpec::new(name, path, Metric::ExactMatch)]
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let file: TaskSpecs = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let all: Vec<TaskSpec> = file.tasks.iter().map(|t| t.relative_to(base)).collect();
+        match only {
+            None => all,
+            Some(n) => {
+                let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
+                let found: Vec<TaskSpec> = all.iter().filter(|t| t.name == n).cloned().collect();
+                if found.is_empty() {
+                    return Err(Error::Config {
+                        path: path.to_path_buf(),
+                        msg: format!("no task named `{n}` (tasks: {})", names.join(", ")),
+                    });
+                }
+                found
+            }
+        }
+    };
+    let mut names = Vec::new();
+    let mut out = Vec::new();
+    for spec in specs {
+        let train_path = spec.train_path();
+        let contents =
+            std::fs::read_to_string(&train_path).map_err(|e| Error::io(&train_path, e))?;
+        let examples = tasks::parse_examples(&train_path, &contents, spec.metric, max_examples)?;
+        let all_train = if spec.fewshot > 0 {
+            tasks::parse_examples(&train_path, &contents, spec.metric, None)?
+        } else {
+            Vec::new()
+        };
+        let name = spec.name.clone();
+        let task = Task::from_examples_with_train(spec, &all_train, Vec::new(), Vec::new())?;
+        let encoded = encode_examples(&task, &examples, tokenizer)
+            .map_err(|e| Error::msg(format!("task `{name}`, {}: {e}", train_path.display())))?;
+        names.push(name);
+        out.extend(encoded);
+    }
+    Ok((names, out))
+}
+
+/// Encode `examples` of `task` as the LM evaluator sees them: the context is the task's
+/// rendered prompt ([`render_prompt`]: shots, chat template) with the tokenizer's BOS before it
+/// when the evaluator puts one there; the target (loss) is a generation's target followed by
+/// EOS, or a choice's correct answer (what `multiple_choice` scores); a text is all target
+/// after its BOS (or EOS) start token.
+pub fn encode_examples(
+    task: &Task,
+    examples: &[tasks::Example],
+    tok: &dyn TextTokenizer,
+) -> Result<Vec<TrainExample>> {
+    let context = |prompt: &str| -> Result<Vec<u32>> {
+        let (text, add_bos) = render_prompt(task, prompt, tok)?;
+        let mut ids: Vec<u32> = tok.bos_id().filter(|_| add_bos).into_iter().collect();
+        ids.extend(tok.encode(&text)?);
+        if ids.is_empty() {
+            ids.extend(tok.eos_id());
+        }
+        if ids.is_empty() {
+            return Err(Error::msg(
+                "empty context and the tokenizer has neither BOS nor EOS",
+            ));
+        }
+        Ok(ids)
+    };
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let at = |e: Error| Error::msg(format!("example {}: {e}", i + 1));
+            Ok(match e {
+                tasks::Example::Generation { prompt, target } => {
+                    let ctx = context(prompt).map_err(at)?;
+                    let mut t = tok.encode(target).map_err(at)?;
+                    t.extend(tok.eos_id());
+                    if t.is_empty() {
+                        return Err(at(Error::msg("empty target and no EOS")));
+                    }
+                    TrainExample::prompt_target(&ctx, &t)
+                }
+                tasks::Example::Choice {
+                    prompt,
+                    choices,
+                    answer,
+                } => {
+                    let ctx = context(prompt).map_err(at)?;
+                    let t = tok.encode(&choices[*answer]).map_err(at)?;
+                    if t.is_empty() {
+                        return Err(at(Error::msg("the correct choice has no tokens")));
+                    }
+                    TrainExample::prompt_target(&ctx, &t)
+                }
+                tasks::Example::Text { text } => {
+                    let start = tok.bos_id().or(tok.eos_id()).ok_or_else(|| {
+                        at(Error::msg("a text needs a BOS or EOS token to start from"))
+                    })?;
+                    let mut ids = vec![start];
+                    ids.extend(tok.encode(text).map_err(at)?);
+                    TrainExample::text(&ids)
+                }
+            })
+        })
+        .collect()
+}
+
+/// Encode `examples` as a plain task prompts them (no shots, no chat template): a generation is
+/// `[BOS] prompt` (context) then `target [EOS]` (loss); a choice, its correct answer; a text is
+/// all target after its start token. The in-memory counterpart of [`load_task_examples`] (e.g.
+/// generated pretraining data); [`encode_examples`] with a task of its own.
+pub fn encode_plain(
+    examples: &[tasks::Example],
+    tok: &dyn TextTokenizer,
+) -> Result<Vec<TrainExample>> {
+    let task = Task::from_examples(
+        TaskSpec::new("plain", "", Metric::ExactMatch),
+        Vec::new(),
+        Vec::new(),
+    )?;
+    encode_examples(&task, examples, tok)
 }
 
 #[cfg(test)]
@@ -272,8 +451,8 @@ mod tests {
 
     #[test]
     fn batch_masks_prompt_and_padding() {
-        let a = Example::prompt_target(&[1, 5, 6], &[7, 2]);
-        let b = Example::text(&[1, 4]);
+        let a = TrainExample::prompt_target(&[1, 5, 6], &[7, 2]);
+        let b = TrainExample::text(&[1, 4]);
         let (i, t, m) = make_batch(&[&a, &b], 0, &Device::Cpu).unwrap();
         assert_eq!(
             i.to_vec2::<u32>().unwrap(),
@@ -295,8 +474,8 @@ mod tests {
         let cfg = LlamaConfig::from_json(&config).unwrap();
         let init = init_weights(&cfg, 7);
         let data = vec![
-            Example::text(&[1, 3, 5, 7, 2]),
-            Example::text(&[1, 4, 6, 2]),
+            TrainExample::text(&[1, 3, 5, 7, 2]),
+            TrainExample::text(&[1, 4, 6, 2]),
         ];
         let tc = TrainConfig {
             steps: 60,
@@ -324,5 +503,41 @@ mod tests {
         .unwrap();
         assert_eq!(losses, again);
         assert_eq!(out, out2);
+    }
+
+    #[test]
+    fn task_examples_are_encoded_as_the_evaluator_prompts_them() {
+        let tok = crate::tokenizer::CharTokenizer::new();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("add");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("train.jsonl"),
+            "{\"prompt\":\"1+2=\",\"target\":\"3\"}\n{\"prompt\":\"2+2=\",\"target\":\"4\"}\n",
+        )
+        .unwrap();
+        let (names, ex) = load_task_examples(&dir, None, &tok, Some(1)).unwrap();
+        assert_eq!(names, vec!["add"]);
+        assert_eq!(ex.len(), 1);
+        let mut prompt = vec![tok.bos_id().unwrap()];
+        prompt.extend(tok.encode("1+2=").unwrap());
+        let mut target = tok.encode("3").unwrap();
+        target.push(tok.eos_id().unwrap());
+        assert_eq!(ex[0], TrainExample::prompt_target(&prompt, &target));
+        // From a tasks file with few-shot: the shots come before the prompt.
+        std::fs::write(
+            tmp.path().join("tasks.toml"),
+            "[[tasks]]\nname = \"add\"\npath = \"add\"\nmetric = \"exact_match\"\nfewshot = 1\n",
+        )
+        .unwrap();
+        let (_, ex) =
+            load_task_examples(&tmp.path().join("tasks.toml"), Some("add"), &tok, None).unwrap();
+        assert_eq!(ex.len(), 2);
+        let n_prompt = ex[0].loss_mask.iter().filter(|m| !**m).count();
+        assert!(n_prompt > 1 + 4 + 1, "shots prefixed: {n_prompt}");
+        let err = load_task_examples(&tmp.path().join("tasks.toml"), Some("nope"), &tok, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no task named `nope`"), "{err}");
     }
 }

@@ -427,6 +427,25 @@ impl Transformer {
         Ok(model)
     }
 
+    /// Open a model as a runnable forward computing in `dtype`: a model directory, a
+    /// `BASE+ADAPTER` pair, a PEFT adapter directory with a local base, or a cached Hugging Face
+    /// hub id — anything [`crate::store::open_source`] opens. The one way to go from a path to a
+    /// model; [`Transformer::from_source`] on the opened source.
+    ///
+    /// ```no_run
+    /// use evomerge::candle_core::{DType, Device, Tensor};
+    /// use evomerge::model::{CausalLm, Transformer};
+    /// # fn main() -> evomerge::Result<()> {
+    /// let model = Transformer::open("assets/toy/base", &Device::Cpu, DType::F32)?;
+    /// let ids = Tensor::new(&[[1u32, 7, 8]], &Device::Cpu)?;
+    /// let logits = model.forward(&ids)?; // [1, 3, vocab]
+    /// # Ok(()) }
+    /// ```
+    pub fn open(path: impl AsRef<std::path::Path>, device: &Device, dtype: DType) -> Result<Self> {
+        let source = crate::store::open_source(path.as_ref())?;
+        Self::from_source(source.as_ref(), device, dtype)
+    }
+
     /// Build from any tensor source (an opened model directory), computing in `dtype`.
     pub fn from_source(source: &dyn TensorSource, device: &Device, dtype: DType) -> Result<Self> {
         let label = source.label();

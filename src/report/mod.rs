@@ -1,7 +1,10 @@
 //! The end-of-search report: each source model, the default merge (or route) and the evolved
 //! candidate scored on the **test** split, one column per task, as a Markdown table.
 //!
-//! [`crate::search::run::Search::make_report`] scores the rows; [`save`] writes
+//! The search scores the rows and returns them ([`crate::search::run::RunSummary::test_rows`],
+//! [`crate::search::run::Search::score_test_rows`]); [`from_run`] makes the report of them,
+//! [`after_search`] (run after every search by [`crate::pipeline`]) writes it and the plots;
+//! [`save`] writes
 //! `report.json` (every metric) and `report.md` (the table) into the output directory;
 //! [`report`] re-reads `report.json` and returns the table (what `evomerge report OUT_DIR`
 //! prints). Plots live in [`plots`].
@@ -12,7 +15,6 @@
 //! fitness, evaluations (and how many failed), generations, wall time, and which file holds the
 //! result (`best_recipe.yaml` or `best_route.json`).
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -23,24 +25,12 @@ use crate::eval::Split;
 
 pub mod plots;
 
+pub use crate::search::run::ScoredRow;
+use crate::search::run::{RunOptions, RunSummary};
+
 /// File names inside an output directory.
 pub const REPORT_JSON: &str = "report.json";
 pub const REPORT_MD: &str = "report.md";
-
-/// One scored candidate.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Row {
-    pub name: String,
-    /// The evaluator's primary value on the report split (mean over tasks); `None` on failure.
-    pub primary: Option<f64>,
-    pub metrics: BTreeMap<String, f64>,
-    /// Dev-split fitness from the search (the evolved row only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dev_fitness: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub seconds: f64,
-}
 
 /// What the search itself did (written under the table).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -67,7 +57,7 @@ pub struct SearchSummary {
 pub struct Report {
     pub search: String,
     pub split: Split,
-    pub rows: Vec<Row>,
+    pub rows: Vec<ScoredRow>,
     /// The search's own summary (absent in reports of older versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<SearchSummary>,
@@ -189,6 +179,39 @@ fn num(v: f64) -> String {
     }
 }
 
+/// The report of a finished search, from what it returned: its test-split rows and its own
+/// summary. `None` when the search scored no rows ([`RunOptions::report`] off, or interrupted).
+pub fn from_run(summary: &RunSummary) -> Option<Report> {
+    let rows = summary.test_rows.clone()?;
+    Some(Report {
+        search: summary.search.clone(),
+        split: Split::Test,
+        rows,
+        summary: Some(SearchSummary {
+            best_dev_fitness: summary.best.fitness,
+            evaluations: summary.evaluated + summary.replayed,
+            failed: summary.failures,
+            replayed: summary.replayed,
+            generations: summary.generations,
+            wall_seconds: summary.loop_seconds,
+            result_file: summary.result_file.clone().unwrap_or_default(),
+        }),
+    })
+}
+
+/// What runs after a finished search in its output directory ([`RunOptions::finish`], installed
+/// by [`crate::pipeline`]): `report.json` and `report.md` when the search scored its rows, then
+/// the plots when [`RunOptions::plots`].
+pub fn after_search(out_dir: &Path, summary: &RunSummary, options: &RunOptions) -> Result<()> {
+    if let Some(report) = from_run(summary) {
+        save(out_dir, &report)?;
+    }
+    if options.plots {
+        plots::plot(out_dir)?;
+    }
+    Ok(())
+}
+
 /// Write `report.json` and `report.md` into `out_dir`.
 pub fn save(out_dir: &Path, report: &Report) -> Result<()> {
     let json = out_dir.join(REPORT_JSON);
@@ -260,10 +283,11 @@ pub fn combined(out_dirs: &[&Path]) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn markdown_table_has_one_column_per_task() {
-        let row = |name: &str, a: f64, b: f64| Row {
+        let row = |name: &str, a: f64, b: f64| ScoredRow {
             name: name.into(),
             primary: Some((a + b) / 2.0),
             metrics: BTreeMap::from([
@@ -317,7 +341,7 @@ mod tests {
         let r = Report {
             search: "toy".into(),
             split: Split::Test,
-            rows: vec![Row {
+            rows: vec![ScoredRow {
                 name: "evolved (PS)".into(),
                 primary: Some(0.6125),
                 metrics: BTreeMap::from([

@@ -1,11 +1,14 @@
 //! The search loop: [`run_search`] runs a definition to the end, [`resume`] continues a killed
-//! run from its output directory to the identical result.
+//! run from its output directory to the identical result. The search returns what the report
+//! needs ([`RunSummary`], with the test-split rows) and knows nothing of the report itself;
+//! [`crate::pipeline::run_search`] runs a search and then the report and the plots (what
+//! `evomerge search` does):
 //!
 //! ```no_run
-//! use evomerge::search::{SearchDef, run_search, run::RunOptions};
+//! use evomerge::search::{SearchDef, run::RunOptions};
 //! # fn main() -> evomerge::Result<()> {
 //! let def = SearchDef::load("searches/toy-ps.toml".as_ref())?;
-//! let summary = run_search(&def, &def.output_dir(), &RunOptions::default())?;
+//! let summary = evomerge::pipeline::run_search(&def, &def.output_dir(), &RunOptions::default())?;
 //! println!("best dev fitness {:?}", summary.best.fitness);
 //! # Ok(()) }
 //! ```
@@ -42,8 +45,8 @@
 //! | `best_route.json` | DFS: the best route, see [`RouteFile`] |
 //! | `model/` | PS: the best recipe merged to disk in Hugging Face layout, in the inputs' dtype (the recipe's `out_dtype`; config.json's `torch_dtype` / `dtype` say the same) |
 //! | `ps/` | PS+DFS: the PS run (or the copied best recipe of a finished one), see [`ps_run`] |
-//! | `report.json`, `report.md` | test-split scores of the sources, the default and the evolved candidate; the search's summary (dev fitness, evaluations, wall time, result file) |
-//! | `plots/*.png`, `plots/*.svg` | see [`crate::report::plots`] |
+//! | `report.json`, `report.md` | written by the report after the search ([`crate::pipeline`]): test-split scores of the sources, the default and the evolved candidate ([`RunSummary::test_rows`]); the search's summary (dev fitness, evaluations, wall time, result file) |
+//! | `plots/*.png`, `plots/*.svg` | drawn after the search ([`crate::pipeline`]), see [`crate::report::plots`] |
 //!
 //! The model paths in `best_recipe.yaml`, `best_genome.json`, `best_route.json` and the model
 //! card (`model/README.md`) are relative to the file's own directory (a cached hub model: its
@@ -132,9 +135,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Write the best PS recipe to `model/` at the end.
     pub write_model: bool,
-    /// Score the report rows on the test split at the end.
+    /// Score the report rows on the test split at the end ([`RunSummary::test_rows`]).
     pub report: bool,
-    /// Draw the plots at the end.
+    /// Draw the plots at the end (done by [`RunOptions::finish`]: the search draws nothing).
     pub plots: bool,
     /// Test hook: behave as if killed once this many new evaluations have started (the
     /// generation in flight is abandoned; nothing after it is written).
@@ -142,6 +145,49 @@ pub struct RunOptions {
     /// Run the LM evaluator on this device instead of the definition's `[evaluator] device`
     /// (the `--device` flag); recorded in the output's `search.toml`.
     pub device: Option<DeviceSpec>,
+    /// Run after a search has finished and written its outputs (not after an interruption),
+    /// in its output directory. [`crate::pipeline`] installs the report and the plots here: the
+    /// search hands over what the report needs and names no later stage. A PS+DFS search passes
+    /// its options (hook included) to its PS run ([`ps_run`]).
+    pub finish: Option<Finish>,
+}
+
+/// The hook of [`RunOptions::finish`]: output directory, what the run did, its options.
+#[derive(Clone)]
+pub struct Finish(pub Arc<FinishFn>);
+
+/// The function behind a [`Finish`] hook.
+pub type FinishFn = dyn Fn(&Path, &RunSummary, &RunOptions) -> Result<()> + Send + Sync;
+
+impl Finish {
+    /// A hook from a function or closure.
+    pub fn new(
+        f: impl Fn(&Path, &RunSummary, &RunOptions) -> Result<()> + Send + Sync + 'static,
+    ) -> Finish {
+        Finish(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for Finish {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Finish(..)")
+    }
+}
+
+/// One candidate scored on the test split at the end of a search: a row of the report
+/// (`report.json`'s `rows`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoredRow {
+    pub name: String,
+    /// The evaluator's primary value on the report split (mean over tasks); `None` on failure.
+    pub primary: Option<f64>,
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Dev-split fitness from the search (the evolved row only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev_fitness: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub seconds: f64,
 }
 
 impl Default for RunOptions {
@@ -153,6 +199,7 @@ impl Default for RunOptions {
             plots: true,
             stop_after_evals: None,
             device: None,
+            finish: None,
         }
     }
 }
@@ -174,8 +221,14 @@ pub struct RunSummary {
     /// candidates (summed over evaluations; divide by slots for wall-clock share).
     pub loop_seconds: f64,
     pub eval_seconds: f64,
-    /// The report, when made.
-    pub report: Option<crate::report::Report>,
+    /// The search's name (its definition's `name`).
+    pub search: String,
+    /// The result file in the output directory (`best_recipe.yaml`, `best_route.json`); `None`
+    /// when interrupted.
+    pub result_file: Option<String>,
+    /// The sources, the default and the evolved candidate scored on the test split, when
+    /// [`RunOptions::report`] (what the report shows; [`crate::report::from_run`]).
+    pub test_rows: Option<Vec<ScoredRow>>,
 }
 
 /// A prepared search: the space, how candidates are built and scored, and the report rows.
@@ -716,12 +769,17 @@ impl Search {
             interrupted,
             loop_seconds,
             eval_seconds: c.eval_seconds,
-            report: None,
+            search: self.def.name.clone(),
+            result_file: None,
+            test_rows: None,
         };
         if interrupted {
             return Ok(summary);
         }
         self.write_outputs(out_dir, &best, options, &mut summary)?;
+        if let Some(finish) = &options.finish {
+            (finish.0)(out_dir, &summary, options)?;
+        }
         Ok(summary)
     }
 
@@ -793,32 +851,21 @@ impl Search {
                 )?;
             }
         }
+        summary.result_file = Some(
+            match decoded {
+                Decoded::Recipe(_) => "best_recipe.yaml",
+                Decoded::Route(_) => "best_route.json",
+            }
+            .to_string(),
+        );
         if options.report {
-            let mut report = self.make_report(best)?;
-            report.summary = Some(crate::report::SearchSummary {
-                best_dev_fitness: best.fitness,
-                evaluations: summary.evaluated + summary.replayed,
-                failed: summary.failures,
-                replayed: summary.replayed,
-                generations: summary.generations,
-                wall_seconds: summary.loop_seconds,
-                result_file: match decoded {
-                    Decoded::Recipe(_) => "best_recipe.yaml",
-                    Decoded::Route(_) => "best_route.json",
-                }
-                .to_string(),
-            });
-            crate::report::save(out_dir, &report)?;
-            summary.report = Some(report);
-        }
-        if options.plots {
-            crate::report::plots::plot(out_dir)?;
+            summary.test_rows = Some(self.score_test_rows(best)?);
         }
         Ok(())
     }
 
     /// Score the sources, the default genome and the best genome on the test split.
-    pub fn make_report(&self, best: &Record) -> Result<crate::report::Report> {
+    pub fn score_test_rows(&self, best: &Record) -> Result<Vec<ScoredRow>> {
         let mut rows: Vec<(String, Candidate, Option<f64>)> = self
             .sources
             .iter()
@@ -841,16 +888,11 @@ impl Search {
             self.builder.build(&decoded)?,
             best.fitness,
         ));
-        let mut report = crate::report::Report {
-            search: self.def.name.clone(),
-            split: Split::Test,
-            rows: Vec::new(),
-            summary: None,
-        };
+        let mut out = Vec::with_capacity(rows.len());
         for (name, candidate, dev) in rows {
             let t = Instant::now();
             let row = match self.evaluator.evaluate(&candidate, Split::Test) {
-                Ok(score) => crate::report::Row {
+                Ok(score) => ScoredRow {
                     name,
                     primary: Some(score.primary),
                     metrics: score.metrics,
@@ -858,7 +900,7 @@ impl Search {
                     error: None,
                     seconds: t.elapsed().as_secs_f64(),
                 },
-                Err(e) => crate::report::Row {
+                Err(e) => ScoredRow {
                     name,
                     primary: None,
                     metrics: Default::default(),
@@ -867,9 +909,9 @@ impl Search {
                     seconds: t.elapsed().as_secs_f64(),
                 },
             };
-            report.rows.push(row);
+            out.push(row);
         }
-        Ok(report)
+        Ok(out)
     }
 }
 
@@ -1056,6 +1098,7 @@ fn with_device(def: &SearchDef, options: &RunOptions) -> Result<SearchDef> {
 
 /// Continue the search recorded in `out_dir` (re-read from its `search.toml`): the run is
 /// repeated with the same seed and every proposal already in the history is answered from it.
+/// Writes no report or plots ([`crate::pipeline::resume`] does).
 pub fn resume(out_dir: &Path) -> Result<RunSummary> {
     resume_with(out_dir, &RunOptions::default())
 }

@@ -20,6 +20,8 @@
 //! - [`reader`]: [`Model::open`] and header validation.
 //! - [`writer`]: [`ModelWriter`], [`output_config`].
 //! - [`inspect()`]: a [`Summary`] of a model directory.
+//! - [`load_mem`] / [`load_mem_f32`]: a model read into memory (a [`MemModel`]);
+//!   [`save_model_dir`]: tensors in memory written as a model directory.
 //! - [`lora`]: `BASE+ADAPTER` references, a PEFT LoRA adapter folded into its base as it is read;
 //!   [`open_source`] opens any model reference.
 //! - [`hub`]: Hugging Face hub ids (`owner/name`) read from the local Hugging Face cache.
@@ -81,6 +83,74 @@ pub trait TensorSource: Send + Sync {
 /// ([`hub`]); one that is not cached is an error that names the id and where it looked.
 pub fn open_source(path: &Path) -> Result<std::sync::Arc<dyn TensorSource>> {
     lora::open_ref(path)
+}
+
+/// Read a model into memory ([`open_source`]: a directory, `BASE+ADAPTER`, a hub id), every
+/// tensor in its stored dtype (a bf16 checkpoint takes its file size, not twice that). Reads a
+/// chunk at a time with positioned reads, so the file's pages are not counted in our RSS. The
+/// one directory → memory loader; [`MemModel::read_dir`] is the same call.
+pub fn load_mem(path: &Path) -> Result<MemModel> {
+    const CHUNK: usize = 1 << 16;
+    let model = open_source(path)?;
+    let mut tensors = crate::candidate::TensorMap::new();
+    let mut buf = Vec::new();
+    for info in &model.tensor_infos() {
+        let n = info.numel();
+        let mut t = crate::tensor::TensorBuf::zeros(info.shape.clone(), info.dtype);
+        for start in (0..n).step_by(CHUNK) {
+            let len = CHUNK.min(n - start);
+            buf.resize(len, 0f32);
+            model.read_range_into(&info.name, start, &mut buf)?;
+            t.write_range(start, &buf);
+        }
+        tensors.insert(info.name.clone(), t);
+    }
+    Ok(MemModel {
+        config: model.config().clone(),
+        tensors,
+    })
+}
+
+/// [`load_mem`] with every tensor decoded to `f32` (what training, alignment and soups compute
+/// on).
+pub fn load_mem_f32(path: &Path) -> Result<MemModel> {
+    let model = open_source(path)?;
+    let mut tensors = crate::candidate::TensorMap::new();
+    for info in model.tensor_infos() {
+        let mut data = vec![0f32; info.numel()];
+        model.read_into(&info.name, &mut data)?;
+        tensors.insert(info.name, crate::tensor::TensorBuf::new(info.shape, data));
+    }
+    Ok(MemModel {
+        config: model.config().clone(),
+        tensors,
+    })
+}
+
+/// Write `tensors` (each in its own dtype) with `config` as a Hugging Face model directory `dir`
+/// (config.json, model.safetensors, README.md = `model_card`; tokenizer / generation files
+/// copied from `donor`). Written into a temporary directory renamed into place at the end; fails
+/// if `dir` exists. Returns `dir`.
+pub fn save_model_dir(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &crate::candidate::TensorMap,
+    donor: Option<&Path>,
+    model_card: &str,
+) -> Result<PathBuf> {
+    let infos: Vec<TensorInfo> = tensors
+        .iter()
+        .map(|(name, t)| TensorInfo {
+            name: name.clone(),
+            dtype: t.dtype(),
+            shape: t.shape.clone(),
+        })
+        .collect();
+    let writer = ModelWriter::create(dir, &infos, &WriteConfig::default())?;
+    for (name, t) in tensors {
+        writer.write(name, &t.values())?;
+    }
+    writer.finish(config, donor, model_card)
 }
 
 /// The models a recipe refers to, opened once and shared (memory-mapped models are reused across
