@@ -13,6 +13,9 @@
 //!   phrasings, numbers 1..=`ROMAN_MAX`).
 //! - `arith_roman`: an `arith` problem followed by `Answer in Roman numerals.` → `XLI` (dev and
 //!   test only: nothing trains on it).
+//! - `arith_roman_mc`: the same problems as multiple choice — ` XLI` against the answer in digits
+//!   and the operands (or neighbours) in Roman numerals: a fitness with a gradient, where exact
+//!   match is 0 for every merge near the default.
 //!
 //! Splits are disjoint: every word problem (the text before the question's suffix) is drawn once
 //! across all three tasks and all splits, so no `arith_roman` problem, not even in its plain-
@@ -73,8 +76,8 @@ fn roman(mut n: u32) -> String {
     s
 }
 
-/// A word problem (without its question suffix) and its answer in 1..=MAX.
-fn word_problem(rng: &mut StdRng) -> (String, u32) {
+/// A word problem (without its question suffix), its answer in 1..=MAX, and its two operands.
+fn word_problem(rng: &mut StdRng) -> (String, u32, [u32; 2]) {
     let n = NAMES.choose(rng).unwrap();
     let o = THINGS.choose(rng).unwrap();
     if rng.random_bool(0.5) {
@@ -84,6 +87,7 @@ fn word_problem(rng: &mut StdRng) -> (String, u32) {
         (
             format!("{n} has {a} {o}. {n} {verb} {b} more {o}. How many {o} does {n} have now?"),
             a + b,
+            [a, b],
         )
     } else {
         let a = rng.random_range(2..=MAX + 20);
@@ -92,6 +96,7 @@ fn word_problem(rng: &mut StdRng) -> (String, u32) {
         (
             format!("{n} has {a} {o}. {n} {verb} {b} {o}. How many {o} does {n} have left?"),
             a - b,
+            [a, b],
         )
     }
 }
@@ -112,16 +117,37 @@ fn line(question: &str, target: &str) -> String {
         .to_string()
 }
 
+type Problem = (String, u32, [u32; 2]);
+
 /// `count` distinct word problems, none drawn before (`seen`).
-fn problems(rng: &mut StdRng, seen: &mut HashSet<String>, count: usize) -> Vec<(String, u32)> {
+fn problems(rng: &mut StdRng, seen: &mut HashSet<String>, count: usize) -> Vec<Problem> {
     let mut out = Vec::with_capacity(count);
     while out.len() < count {
-        let (q, v) = word_problem(rng);
-        if seen.insert(q.clone()) {
-            out.push((q, v));
+        let p = word_problem(rng);
+        if seen.insert(p.0.clone()) {
+            out.push(p);
         }
     }
     out
+}
+
+/// The multiple-choice form of an `arith_roman` problem: the answer in Roman numerals (index 0)
+/// against the answer in digits and the two operands in Roman numerals (what an expert alone
+/// tends to answer), each a continuation of `Answer:`.
+fn choice_line(question: &str, v: u32, [a, b]: [u32; 2]) -> String {
+    let mut choices = vec![format!(" {}", roman(v)), format!(" {v}")];
+    for n in [a, b, v + 1, v.saturating_sub(1).max(2)] {
+        let c = format!(" {}", roman(n));
+        if choices.len() < 4 && !choices.contains(&c) {
+            choices.push(c);
+        }
+    }
+    serde_json::json!({
+        "prompt": format!("Question: {question}\nAnswer:"),
+        "choices": choices,
+        "answer": 0,
+    })
+    .to_string()
 }
 
 fn write(dir: &std::path::Path, split: &str, lines: &[String]) -> Result<()> {
@@ -148,16 +174,23 @@ fn main() -> Result<()> {
 
     // The held-out combination first, so its problems are reserved before anything else.
     for (split, n) in [("dev", DEV), ("test", TEST)] {
-        let lines: Vec<String> = problems(&mut rng, &mut seen, n)
+        let drawn = problems(&mut rng, &mut seen, n);
+        let question = |q: &str| format!("{q} Answer in Roman numerals.");
+        let lines: Vec<String> = drawn
             .iter()
-            .map(|(q, v)| line(&format!("{q} Answer in Roman numerals."), &roman(*v)))
+            .map(|(q, v, _)| line(&question(q), &roman(*v)))
             .collect();
         write(&out.join("arith_roman"), split, &lines)?;
+        let lines: Vec<String> = drawn
+            .iter()
+            .map(|(q, v, ab)| choice_line(&question(q), *v, *ab))
+            .collect();
+        write(&out.join("arith_roman_mc"), split, &lines)?;
     }
     for (split, n) in [("train", TRAIN), ("dev", DEV), ("test", TEST)] {
         let lines: Vec<String> = problems(&mut rng, &mut seen, n)
             .iter()
-            .map(|(q, v)| line(q, &v.to_string()))
+            .map(|(q, v, _)| line(q, &v.to_string()))
             .collect();
         write(&out.join("arith"), split, &lines)?;
     }

@@ -171,7 +171,8 @@ enum Command {
         /// stop, limit); paths relative to the file.
         #[arg(long)]
         tasks: PathBuf,
-        /// Model directories and/or recipe files (.yml / .yaml).
+        /// Model directories, recipe files (.yml / .yaml) and/or DFS route files (a search's
+        /// best_route.json).
         #[arg(required = true)]
         models: Vec<PathBuf>,
         /// Seed for random merge methods in recipes.
@@ -470,7 +471,11 @@ fn eval_command(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| path.display().to_string());
-        if is_recipe(path) {
+        if path.extension().is_some_and(|e| e == "json") {
+            let (candidate, tok) = route_candidate(path, &mut set, seed)?;
+            tokenizer_dir.get_or_insert(tok);
+            candidates.push((label, candidate));
+        } else if is_recipe(path) {
             let recipe = Recipe::from_path(path)?;
             let merged = merge_in_memory(&recipe, &mut set, seed)
                 .with_context(|| format!("merging {}", path.display()))?;
@@ -511,6 +516,59 @@ fn eval_command(
     metrics.push(PRIMARY.to_string());
     let table = EvalTable::score(&evaluator, &candidates, &metrics, &splits);
     write_stdout(&table.to_markdown())
+}
+
+/// A DFS / PS+DFS result file (`best_route.json`) as a candidate: its pool models loaded (a
+/// `ps:` entry merged from its recipe) and its route; also the directory to take the tokenizer
+/// from (the first pool model's).
+fn route_candidate(
+    path: &std::path::Path,
+    set: &mut ModelSet,
+    seed: u64,
+) -> anyhow::Result<(evomerge::candidate::Candidate, PathBuf)> {
+    use std::sync::Arc;
+
+    use evomerge::candidate::{Candidate, CandidateBody};
+    use evomerge::search::run::RouteFile;
+    use evomerge::store::lora::{base_dir_of, resolve_ref};
+
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let file: RouteFile = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a route file (best_route.json)", path.display()))?;
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let mut models = Vec::with_capacity(file.models.len());
+    let mut tokenizer_dir = None;
+    for name in &file.models {
+        let model = match name.strip_prefix("ps:") {
+            Some(recipe) => {
+                let recipe_path = resolve_ref(std::path::Path::new(recipe), Some(dir));
+                let recipe = Recipe::from_path(&recipe_path)?;
+                tokenizer_dir.get_or_insert_with(|| {
+                    let first = recipe.referenced_models().first().map(|m| m.path.clone());
+                    base_dir_of(&first.unwrap_or_default())
+                });
+                evomerge::merge::executor::merge_in_memory(&recipe, set, seed)
+                    .with_context(|| format!("merging {}", recipe_path.display()))?
+            }
+            None => {
+                let model_path = resolve_ref(std::path::Path::new(name), Some(dir));
+                tokenizer_dir.get_or_insert_with(|| base_dir_of(&model_path));
+                evomerge::store::load_mem(&model_path)
+                    .with_context(|| format!("{}: pool model `{name}`", path.display()))?
+            }
+        };
+        models.push(Arc::new(model));
+    }
+    let tokenizer_dir = tokenizer_dir
+        .with_context(|| format!("{}: the route file lists no models", path.display()))?;
+    let candidate = Candidate {
+        body: CandidateBody::Routed {
+            models,
+            route: file.route,
+        },
+        recipe: Some(text),
+    };
+    Ok((candidate, tokenizer_dir))
 }
 
 /// The most worker threads `--threads` accepts: far more than any useful value; more only

@@ -904,3 +904,49 @@ fn hub_ids_in_search_files_are_refused_when_not_cached() {
     );
     assert!(!tmp.path().join("runs").exists());
 }
+
+/// `eval` takes a DFS route file (a search's best_route.json, pool paths relative to the file):
+/// the route through every layer of the toy `add` expert, in order, scale 1, scores exactly as
+/// the `add` directory itself; a file that is not a route is refused naming it.
+#[test]
+fn eval_scores_a_route_file_like_the_model_it_routes_through() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let add = root.join("assets/toy/add");
+    let cipher = root.join("assets/toy/cipher");
+    let hops: Vec<serde_json::Value> = (0..4)
+        .map(|l| serde_json::json!({ "model": 0, "layer": l, "scale": 1.0 }))
+        .collect();
+    let route = serde_json::json!({
+        "models": [add.to_str().unwrap(), cipher.to_str().unwrap()],
+        "route": { "embed_model": 0, "hops": hops },
+    });
+    let file = tmp.path().join("best_route.json");
+    fs::write(&file, route.to_string()).unwrap();
+    let tasks = root.join("assets/toy/tasks.toml");
+    let table = |model: &Path| {
+        let o = Command::new(bin())
+            .args(["eval", "--split", "dev", "--tasks"])
+            .arg(&tasks)
+            .arg(model)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8(o.stdout).unwrap();
+        // The one result row, without its label.
+        let row = out.lines().filter(|l| l.starts_with('|')).nth(2).unwrap();
+        row.split('|').skip(2).map(str::trim).collect::<Vec<_>>().join("|")
+    };
+    assert_eq!(table(&file), table(&add));
+    let bad = tmp.path().join("x.json");
+    fs::write(&bad, "{}").unwrap();
+    let o = Command::new(bin())
+        .args(["eval", "--tasks"])
+        .arg(&tasks)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("x.json") && err.contains("not a route file"), "{err}");
+}

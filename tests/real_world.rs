@@ -1,7 +1,7 @@
 //! The real-model world (`assets/real/`): its two LoRA experts, read as `base+adapter`, must
-//! still have the skills they were trained for, and the evolved recipe shipped beside the default
-//! merge must still beat it on the held-out combined task — the figures of assets/real/README.md,
-//! re-measured on a slice of the test splits.
+//! still have the skills they were trained for, and the default merge must still show what
+//! assets/real/README.md reports — both skills kept in part, the combination not solved — re-
+//! measured on a slice of the test splits.
 //!
 //! Not part of a plain `cargo test` (`test = false` in Cargo.toml): it needs the real model.
 //!
@@ -116,13 +116,13 @@ fn experts_learned_their_skills_and_the_base_lacks_them() {
     );
 }
 
+/// Why no merge of the searched spaces solves the held-out task (assets/real/README.md): the
+/// default merge keeps much of both skills, yet asked for Roman numerals it answers in digits.
 #[test]
-fn evolved_recipe_beats_the_default_merge_on_the_held_out_task() {
-    let recipes = root().join("assets/real/recipes");
-    let default = scores(&recipes.join("ties.yaml"), &["arith_roman"]);
-    let evolved = scores(&recipes.join("evolved-ps.yaml"), &["arith_roman"]);
-    assert!(
-        evolved[0] > default[0],
-        "evolved {evolved:?} vs default {default:?}"
-    );
+fn default_merge_keeps_both_skills_but_answers_the_combination_in_digits() {
+    let recipe = root().join("assets/real/recipes/ties.yaml");
+    let s = scores(&recipe, &["arith", "roman", "arith_roman"]);
+    assert!(s[0] >= 20.0, "arith kept: {s:?}");
+    assert!(s[1] >= 30.0, "roman kept: {s:?}");
+    assert!(s[2] <= 5.0, "arith_roman: {s:?}");
 }
