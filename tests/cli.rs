@@ -935,7 +935,11 @@ fn eval_scores_a_route_file_like_the_model_it_routes_through() {
         let out = String::from_utf8(o.stdout).unwrap();
         // The one result row, without its label.
         let row = out.lines().filter(|l| l.starts_with('|')).nth(2).unwrap();
-        row.split('|').skip(2).map(str::trim).collect::<Vec<_>>().join("|")
+        row.split('|')
+            .skip(2)
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("|")
     };
     assert_eq!(table(&file), table(&add));
     let bad = tmp.path().join("x.json");
@@ -948,5 +952,8 @@ fn eval_scores_a_route_file_like_the_model_it_routes_through() {
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("x.json") && err.contains("not a route file"), "{err}");
+    assert!(
+        err.contains("x.json") && err.contains("not a route file"),
+        "{err}"
+    );
 }
