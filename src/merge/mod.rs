@@ -170,7 +170,7 @@ pub fn tensor_seed(seed: u64, tensor: &str) -> u64 {
 /// Every registered method.
 pub fn registry() -> &'static [&'static dyn MergeMethod] {
     use task_arithmetic as ta;
-    static REGISTRY: [&dyn MergeMethod; 15] = [
+    static REGISTRY: &[&dyn MergeMethod] = &[
         &linear::Linear,
         &slerp::Slerp,
         &nuslerp::NuSlerp,
@@ -187,7 +187,7 @@ pub fn registry() -> &'static [&'static dyn MergeMethod] {
         &fisher::Fisher,
         &regmean::RegMean,
     ];
-    &REGISTRY
+    REGISTRY
 }
 
 /// Look a method up by its registry key; the error lists the known keys.
