@@ -3,10 +3,14 @@
 
 Usage (from the repository root, with a venv that has `mergekit==0.1.5`):
 
-    /work/venv/bin/python tests/golden/make_golden.py [--mergekit-yaml PATH]
+    /work/venv/bin/python tests/golden/make_golden.py [--mergekit-yaml PATH] [--only CASE,CASE]
+
+`--only` regenerates just the named cases (the models are always rewritten, byte for byte the
+same).
 
 Writes:
   tests/golden/models/{base,ft_a,ft_b}/  three tiny llama-style models (f32, seeded numpy)
+  tests/golden/models_bf16/{base,ft_a,ft_b}/  the same models rounded to bfloat16 (torch)
   tests/golden/<case>/recipe.yml          a mergekit recipe (model paths relative to the recipe)
   tests/golden/<case>/merged.safetensors  mergekit's output (deterministic methods)
   tests/golden/<case>/stats.json          distribution statistics over several seeds (DARE, DELLA)
@@ -91,11 +95,31 @@ def make_models():
         os.chmod(os.path.join(d, "model.safetensors"), 0o644)
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(config(), f, indent=2)
+    write_bf16_models(base, ft_a, ft_b)
     return base, ft_a, ft_b
+
+
+def write_bf16_models(base, ft_a, ft_b):
+    """The same models in bfloat16 (round to nearest even, as torch casts), for the bf16 cases."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    for label, tensors in (("base", base), ("ft_a", ft_a), ("ft_b", ft_b)):
+        d = os.path.join(HERE, "models_bf16", label)
+        os.makedirs(d, exist_ok=True)
+        t = {k: torch.from_numpy(v).to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+        save_torch(t, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(os.path.join(d, "model.safetensors"), 0o644)
+        cfg = config()
+        cfg["torch_dtype"] = "bfloat16"
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
 
 
 # Recipes in mergekit syntax; model paths are relative to tests/golden/<case>/.
 BASE, A, B = "../models/base", "../models/ft_a", "../models/ft_b"
+# The bf16 copies, for the `*_bf16` cases.
+BASE16, A16, B16 = "../models_bf16/base", "../models_bf16/ft_a", "../models_bf16/ft_b"
 
 DETERMINISTIC = {
     "linear": f"""
@@ -404,10 +428,17 @@ def main():
         "--mergekit-yaml",
         default=os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
     )
+    ap.add_argument("--only", default="", help="comma-separated cases (default: all)")
     args = ap.parse_args()
+    only = {c for c in args.only.split(",") if c}
+    unknown = only - set(DETERMINISTIC) - set(RANDOM)
+    if unknown:
+        sys.exit(f"unknown case(s): {sorted(unknown)}")
     base, ft_a, _ = make_models()
 
     for case, recipe in DETERMINISTIC.items():
+        if only and case not in only:
+            continue
         d = os.path.join(HERE, case)
         os.makedirs(d, exist_ok=True)
         rp = os.path.join(d, "recipe.yml")
@@ -424,6 +455,8 @@ def main():
         print(f"{case}: {len(merged)} tensors")
 
     for case, recipe in RANDOM.items():
+        if only and case not in only:
+            continue
         d = os.path.join(HERE, case)
         os.makedirs(d, exist_ok=True)
         rp = os.path.join(d, "recipe.yml")
