@@ -48,6 +48,11 @@ fn full_pipeline_matches_mergekit_golden_outputs() {
             continue;
         }
         let case = dir.file_name().unwrap().to_string_lossy().into_owned();
+        // bf16 cases (bf16 outputs; mergekit computes in bf16 unless `_f32math`):
+        // tests/methods_bf16.rs and tests/methods_more.rs compare them in bf16 steps.
+        if case.ends_with("_bf16") || case.ends_with("_f32math") {
+            continue;
+        }
         let recipe = Recipe::from_path(dir.join("recipe.yml")).unwrap();
         let merged = merge_in_memory(&recipe, &mut ModelSet::new(), 0)
             .unwrap_or_else(|e| panic!("{case}: {e}"));

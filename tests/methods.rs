@@ -340,6 +340,10 @@ fn registry_has_every_mergekit_method_once() {
         "della_linear",
         "model_stock",
         "passthrough",
+        "sce",
+        "multislerp",
+        "karcher",
+        "nearswap",
     ] {
         assert_eq!(
             keys.iter().filter(|x| **x == k).count(),

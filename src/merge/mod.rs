@@ -17,14 +17,20 @@ use std::collections::BTreeMap;
 use crate::error::{Error, Result};
 use stream::{Stream, StreamSpec};
 
+pub mod arcee_fusion;
 pub mod executor;
 pub mod fisher;
+pub mod karcher;
 pub mod linear;
 pub mod model_stock;
+pub mod multislerp;
+pub mod nearswap;
 pub mod nuslerp;
 pub mod passthrough;
 pub mod plan;
+pub mod ram;
 pub mod regmean;
+pub mod sce;
 mod select;
 pub mod slerp;
 pub mod soup;
@@ -92,7 +98,19 @@ pub enum BaseUse {
     /// The method needs `base_model` (task-arithmetic family, slerp, model_stock).
     Required,
     /// Used when given (e.g. `linear` ignores it, but accepts it among `models`).
+    /// A base the recipe also lists among `models` stays among them.
     Optional,
+    /// Used when given, and never one of the `models`: a base the recipe also lists among
+    /// `models` is taken out of them (as mergekit does for `multislerp` and `karcher`).
+    OptionalApart,
+}
+
+impl BaseUse {
+    /// Whether the base model, when the recipe also lists it among `models`, is handed to the
+    /// method as one of [`MergeInput::models`] (only for [`BaseUse::Optional`]).
+    pub fn listed_base_is_a_model(self) -> bool {
+        self == BaseUse::Optional
+    }
 }
 
 /// Everything a method needs to merge one tensor.
@@ -186,6 +204,13 @@ pub fn registry() -> &'static [&'static dyn MergeMethod] {
         &passthrough::Passthrough,
         &fisher::Fisher,
         &regmean::RegMean,
+        &sce::Sce,
+        &multislerp::MultiSlerp,
+        &karcher::Karcher,
+        &nearswap::NearSwap,
+        &arcee_fusion::ArceeFusion,
+        &ram::RAM,
+        &ram::RAMPLUS_TL,
     ];
     REGISTRY
 }

@@ -27,7 +27,8 @@
 //! - **Base model**: for methods that require one it goes to [`PlannedTensor::base`] and not to
 //!   [`PlannedTensor::models`]. For methods that merely accept one (`BaseUse::Optional`) it goes
 //!   to `base`, and also stays among `models` if the recipe lists it there (so `linear` averages
-//!   a listed base with its weight, as in mergekit).
+//!   a listed base with its weight, as in mergekit); for `BaseUse::OptionalApart` methods
+//!   (`multislerp`, `karcher`) a listed base is taken out of `models`, as mergekit does.
 //! - **Output dtype**: the recipe's `out_dtype`, else `dtype`, else the base (or first) model's
 //!   stored dtype. **Config**: the base (or first) model's config.json (as mergekit), with the
 //!   layer count and `torch_dtype` (and `dtype`, where present) updated. **Donor** of tokenizer files: the `tokenizer_source`
@@ -256,7 +257,7 @@ pub fn plan_with(
         Ok(opened.len() - 1)
     };
 
-    let required = method.base() == BaseUse::Required;
+    let apart = !method.base().listed_base_is_a_model();
     let mut slices: Vec<NSlice<'_>> = Vec::new();
     match &recipe.inputs {
         Inputs::Models(ms) => {
@@ -275,7 +276,7 @@ pub fn plan_with(
                     model: k,
                     start: 0,
                     params: &m.parameters,
-                    as_model: !(is_base && required),
+                    as_model: !(is_base && apart),
                 });
             }
             if let (Some(b), None) = (&recipe.base_model, base) {
@@ -329,7 +330,7 @@ pub fn plan_with(
                         model: k,
                         start: a,
                         params: &src.parameters,
-                        as_model: !(is_base && required),
+                        as_model: !(is_base && apart),
                     });
                 }
                 let n = s.sources[0].layer_range.1 - s.sources[0].layer_range.0;

@@ -3,7 +3,21 @@
 //!
 //! **Rank windows** (TIES's top-k, Breadcrumbs' top-and-bottom drop): keep the entries whose
 //! ascending |δ| rank lies in `[lo, hi)`, equal magnitudes ranked in index order. Each cut
-//! (`lo`, `hi` when strictly inside `(0, n)`) is found exactly, never by sorting the tensor:
+//! (`lo`, `hi` when strictly inside `(0, n)`) is found exactly, never by sorting the tensor.
+//!
+//! *Tie rule.* Ranks ascend by `(|δ|, index)`, |δ| the exact `f32` difference of the inputs.
+//! So when entries of equal magnitude straddle a cut, TIES's top-k keeps those with the
+//! **largest** indices; Breadcrumbs keeps the largest indices at its lower cut and the
+//! **smallest** at its upper (outlier) cut. mergekit 0.1.5 ranks with torch's `argsort` /
+//! `sort`, which is not stable, so among tied entries it keeps whichever the sort happens to
+//! put first; it also ranks the task vector in the recipe's dtype (rounded to bf16 in a bf16
+//! recipe), where evomerge ranks the exact differences — a refinement of that order, since
+//! rounding is monotone. Both keep the same count, every entry whose magnitude is strictly
+//! inside the kept range and none strictly outside; only which of the entries tied at a cut
+//! magnitude survive can differ. With `f32` inputs ties are rare; bf16 task vectors take few
+//! distinct magnitudes, so on the bf16 golden cases (`tests/methods_bf16.rs`) a few per cent of
+//! the entries are kept by one implementation and not the other.
+//!
 //!
 //! 1. a sampled pass (16 evenly spaced chunks; the whole tensor when it has no more) gives the cut's sample quantile and a bracket of magnitudes around it,
 //!    wide enough to hold the true cut with a margin of about four binomial standard deviations

@@ -209,7 +209,7 @@ impl Recipe {
             .iter()
             .map(|(m, _)| *m)
             .filter(|m| {
-                method.base() != BaseUse::Required || g.base.is_none_or(|b| b.path != m.path)
+                method.base().listed_base_is_a_model() || g.base.is_none_or(|b| b.path != m.path)
             })
             .collect()
     }

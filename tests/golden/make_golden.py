@@ -292,6 +292,100 @@ parameters:
   normalize: true
 dtype: float32
 """,
+    # arcee_fusion, ram, ramplus_tl (tests/methods_bf16.rs): f32 and bf16 inputs
+    "arcee_fusion": f"""
+merge_method: arcee_fusion
+base_model: {BASE}
+models:
+  - model: {A}
+dtype: float32
+""",
+    "arcee_fusion_bf16": f"""
+merge_method: arcee_fusion
+base_model: {BASE16}
+models:
+  - model: {A16}
+dtype: bfloat16
+""",
+    # epsilon large enough that some entries have one contributor, some two, some none
+    "ram": f"""
+merge_method: ram
+base_model: {BASE}
+models:
+  - model: {A}
+  - model: {B}
+parameters:
+  epsilon: 0.04
+dtype: float32
+""",
+    "ram_bf16": f"""
+merge_method: ram
+base_model: {BASE16}
+models:
+  - model: {A16}
+  - model: {B16}
+dtype: bfloat16
+""",
+    # rho = shared / unique lands on both sides of alpha across the tensors
+    "ramplus_tl": f"""
+merge_method: ramplus_tl
+base_model: {BASE}
+models:
+  - model: {A}
+  - model: {B}
+parameters:
+  r: 0.3
+  alpha: 0.5
+  epsilon: 0.1
+dtype: float32
+""",
+    "ramplus_tl_bf16": f"""
+merge_method: ramplus_tl
+base_model: {BASE16}
+models:
+  - model: {A16}
+  - model: {B16}
+parameters:
+  r: 0.3
+  alpha: 0.5
+  epsilon: 0.1
+dtype: bfloat16
+""",
+    # bf16 tie cases: one model of weight 1, so `merged - base` shows which entries were kept
+    "ties_bf16": f"""
+merge_method: ties
+base_model: {BASE16}
+models:
+  - model: {A16}
+    parameters:
+      weight: 1.0
+      density: 0.5
+dtype: bfloat16
+""",
+    "breadcrumbs_bf16": f"""
+merge_method: breadcrumbs
+base_model: {BASE16}
+models:
+  - model: {A16}
+    parameters:
+      weight: 1.0
+      density: 0.6
+      gamma: 0.1
+dtype: bfloat16
+""",
+    "breadcrumbs_ties_bf16": f"""
+merge_method: breadcrumbs_ties
+base_model: {BASE16}
+models:
+  - model: {B16}
+    parameters:
+      weight: 1.0
+      density: 0.5
+      gamma: 0.05
+parameters:
+  normalize: true
+dtype: bfloat16
+""",
     "model_stock": f"""
 merge_method: model_stock
 base_model: {BASE}
@@ -321,6 +415,195 @@ models:
         - filter: down_proj
           value: 0.5
 dtype: float32
+""",
+    # sce, multislerp, karcher, nearswap (tests/methods_more.rs): f32 and bf16 inputs.
+    # sce: a filter sends mlp tensors down the unselected (streamed) path, the rest select 60 %
+    "sce": f"""
+merge_method: sce
+base_model: {BASE}
+models:
+  - model: {A}
+  - model: {B}
+parameters:
+  select_topk:
+    - filter: mlp
+      value: 1.0
+    - value: 0.6
+dtype: float32
+""",
+    "sce_bf16": f"""
+merge_method: sce
+base_model: {BASE16}
+models:
+  - model: {A16}
+  - model: {B16}
+parameters:
+  select_topk: 0.6
+dtype: bfloat16
+""",
+    # no base model: three plain models, one weight a gradient
+    "multislerp": f"""
+merge_method: multislerp
+models:
+  - model: {BASE}
+    parameters:
+      weight: 0.2
+  - model: {A}
+    parameters:
+      weight: 0.5
+  - model: {B}
+    parameters:
+      weight: [0.1, 0.6]
+dtype: float32
+""",
+    # task vectors about the base model, weights not normalised
+    "multislerp_base": f"""
+merge_method: multislerp
+base_model: {BASE}
+models:
+  - model: {A}
+    parameters:
+      weight: 0.7
+  - model: {B}
+    parameters:
+      weight: 0.4
+parameters:
+  normalize_weights: false
+dtype: float32
+""",
+    "multislerp_bf16": f"""
+merge_method: multislerp
+base_model: {BASE16}
+models:
+  - model: {A16}
+    parameters:
+      weight: 0.6
+  - model: {B16}
+    parameters:
+      weight: 0.4
+dtype: bfloat16
+""",
+    # the base model is one more input (mergekit adds it); no iteration: the normalised
+    # Euclidean mean of the directions (5e-5 relative from the converged mean of karcher_default)
+    # the base also listed among the models (mergekit counts it once / drops it)
+    "multislerp_base_listed": f"""
+merge_method: multislerp
+base_model: {BASE}
+models:
+  - model: {BASE}
+    parameters:
+      weight: 0.3
+  - model: {A}
+    parameters:
+      weight: 0.7
+  - model: {B}
+    parameters:
+      weight: 0.4
+dtype: float32
+""",
+    "karcher_base_listed": f"""
+merge_method: karcher
+base_model: {BASE}
+models:
+  - model: {BASE}
+  - model: {A}
+  - model: {B}
+dtype: float32
+""",
+    "karcher": f"""
+merge_method: karcher
+base_model: {BASE}
+models:
+  - model: {A}
+  - model: {B}
+parameters:
+  max_iter: 0
+  tol: 1.0e-6
+dtype: float32
+""",
+    # defaults (10 iterations, tol 1e-5), no base model
+    "karcher_default": f"""
+merge_method: karcher
+models:
+  - model: {BASE}
+  - model: {A}
+  - model: {B}
+dtype: float32
+""",
+    "karcher_bf16": f"""
+merge_method: karcher
+models:
+  - model: {BASE16}
+  - model: {A16}
+  - model: {B16}
+dtype: bfloat16
+""",
+    # t between the norm weights' differences (~0.005) and the matrices' (~0.08)
+    "nearswap": f"""
+merge_method: nearswap
+base_model: {BASE}
+models:
+  - model: {A}
+parameters:
+  t:
+    - filter: mlp
+      value: [0.005, 0.05]
+    - value: 0.01
+dtype: float32
+""",
+    "nearswap_bf16": f"""
+merge_method: nearswap
+base_model: {BASE16}
+models:
+  - model: {A16}
+parameters:
+  t: 0.01
+dtype: bfloat16
+""",
+    # the same bf16 inputs with mergekit computing in f32 (`dtype: float32`) and writing bf16:
+    # evomerge's arithmetic, so these must agree to the bit (up to SCE's ties at the cut)
+    "sce_bf16_f32math": f"""
+merge_method: sce
+base_model: {BASE16}
+models:
+  - model: {A16}
+  - model: {B16}
+parameters:
+  select_topk: 0.6
+dtype: float32
+out_dtype: bfloat16
+""",
+    "multislerp_bf16_f32math": f"""
+merge_method: multislerp
+base_model: {BASE16}
+models:
+  - model: {A16}
+    parameters:
+      weight: 0.6
+  - model: {B16}
+    parameters:
+      weight: 0.4
+dtype: float32
+out_dtype: bfloat16
+""",
+    "karcher_bf16_f32math": f"""
+merge_method: karcher
+models:
+  - model: {BASE16}
+  - model: {A16}
+  - model: {B16}
+dtype: float32
+out_dtype: bfloat16
+""",
+    "nearswap_bf16_f32math": f"""
+merge_method: nearswap
+base_model: {BASE16}
+models:
+  - model: {A16}
+parameters:
+  t: 0.01
+dtype: float32
+out_dtype: bfloat16
 """,
 }
 
@@ -387,8 +670,29 @@ def run_mergekit(exe, recipe_path, out_dir, seed=None):
     files = [f for f in os.listdir(out_dir) if f.endswith(".safetensors")]
     merged = {}
     for f in files:
-        merged.update(load_file(os.path.join(out_dir, f)))
+        merged.update(load_file_any(os.path.join(out_dir, f)))
     return merged
+
+
+def load_file_any(path):
+    """A safetensors file as numpy arrays; bfloat16 tensors (which numpy lacks) stay torch
+    tensors, saved back as they are by save_any."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        if all(f.get_slice(k).get_dtype() != "BF16" for k in f.keys()):
+            return load_file(path)
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def save_any(tensors, path):
+    """Save what run_mergekit returned: numpy arrays as before, torch tensors (bf16) via torch."""
+    if any(not isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.torch import save_file as save_torch
+
+        save_torch({k: v.contiguous() for k, v in tensors.items()}, path)
+    else:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path)
 
 
 def stats(merged, base, ft_a):
@@ -447,10 +751,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "out")
             merged = run_mergekit(args.mergekit_yaml, rp, out)
-            save_file(
-                {k: np.ascontiguousarray(v) for k, v in merged.items()},
-                os.path.join(d, "merged.safetensors"),
-            )
+            save_any(merged, os.path.join(d, "merged.safetensors"))
             os.chmod(os.path.join(d, "merged.safetensors"), 0o644)
         print(f"{case}: {len(merged)} tensors")
 
