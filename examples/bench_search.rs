@@ -102,6 +102,8 @@ fn synthetic(out: &std::path::Path) -> evomerge::Result<RunSummary> {
             device: None,
             dtype: None,
             max_length: None,
+            subsample: None,
+            subsample_confidence: None,
             fitness_split: Split::Dev,
         },
         optimizer: OptimizerDef {
@@ -112,7 +114,10 @@ fn synthetic(out: &std::path::Path) -> evomerge::Result<RunSummary> {
             seed: 1,
             restarts: Restarts::None,
         },
-        parallelism: ParallelismDef { slots: 1 },
+        parallelism: ParallelismDef {
+            slots: 1,
+            ..ParallelismDef::default()
+        },
     };
     let search = Search {
         def,

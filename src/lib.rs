@@ -46,6 +46,7 @@ pub mod eval;
 pub mod merge;
 pub mod model;
 pub mod pipeline;
+pub mod procs;
 pub mod recipe;
 pub mod report;
 pub mod search;

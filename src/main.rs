@@ -63,7 +63,7 @@ enum Command {
         /// Output directory (default: the definition's `output`, else runs/NAME beside searches/).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// No progress bar.
+        /// No progress: no bar on a terminal, no line per generation otherwise.
         #[arg(long)]
         quiet: bool,
         /// Run the LM evaluator here instead of the definition's `[evaluator] device`: cpu, cuda
@@ -75,7 +75,7 @@ enum Command {
     /// uninterrupted run.
     Resume {
         out_dir: PathBuf,
-        /// No progress bar.
+        /// No progress: no bar on a terminal, no line per generation otherwise.
         #[arg(long)]
         quiet: bool,
         /// Override the saved `[evaluator] device` (cpu, cuda, cuda:N); recorded in search.toml.
@@ -514,8 +514,97 @@ fn eval_command(
     };
     let mut metrics = evaluator.metric_keys();
     metrics.push(PRIMARY.to_string());
-    let table = EvalTable::score(&evaluator, &candidates, &metrics, &splits);
+    let labels = candidates.iter().map(|(l, _)| l.clone()).collect();
+    let progress = EvalProgress::new(&evaluator, labels, splits.len());
+    let table = EvalTable::score(&progress, &candidates, &metrics, &splits);
+    progress.finish();
     write_stdout(&table.to_markdown())
+}
+
+/// `eval`'s progress on stderr, one step per model and split: a bar on a terminal, else a line
+/// each (`eval 3/6 · add · dev · primary 0.8250 · 0.4s · elapsed 1.2s · ETA 2.4s`). Wraps the
+/// evaluator [`EvalTable::score`](evomerge::eval::table::EvalTable::score) calls model by model,
+/// split by split.
+struct EvalProgress<'a> {
+    inner: &'a dyn evomerge::eval::Evaluator,
+    labels: Vec<String>,
+    splits: usize,
+    done: std::sync::atomic::AtomicUsize,
+    start: std::time::Instant,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl<'a> EvalProgress<'a> {
+    fn new(
+        inner: &'a dyn evomerge::eval::Evaluator,
+        labels: Vec<String>,
+        splits: usize,
+    ) -> EvalProgress<'a> {
+        use std::io::IsTerminal;
+        let total = (labels.len() * splits) as u64;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} model × split · ETA {eta} · {msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        EvalProgress {
+            inner,
+            labels,
+            splits: splits.max(1),
+            done: std::sync::atomic::AtomicUsize::new(0),
+            start: std::time::Instant::now(),
+            bar,
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl evomerge::eval::Evaluator for EvalProgress<'_> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn evaluate(
+        &self,
+        candidate: &evomerge::candidate::Candidate,
+        split: evomerge::eval::Split,
+    ) -> Result<evomerge::eval::Score, evomerge::eval::EvalError> {
+        let t = std::time::Instant::now();
+        let score = self.inner.evaluate(candidate, split);
+        let n = self.done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let total = self.labels.len() * self.splits;
+        let label = self
+            .labels
+            .get((n - 1) / self.splits)
+            .map_or("?", String::as_str);
+        let result = match &score {
+            Ok(s) => format!("primary {:.4}", s.primary),
+            Err(_) => "failed".to_string(),
+        };
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let eta = elapsed / n as f64 * total.saturating_sub(n) as f64;
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(n as u64);
+                bar.set_message(format!("{label} · {split} · {result}"));
+            }
+            None => eprintln!(
+                "eval {n}/{total} · {label} · {split} · {result} · {:.1}s · elapsed {elapsed:.1}s · \
+                 ETA {eta:.1}s",
+                t.elapsed().as_secs_f64()
+            ),
+        }
+        score
+    }
 }
 
 /// A DFS / PS+DFS result file (`best_route.json`) as a candidate: its pool models loaded (a
@@ -693,6 +782,7 @@ fn methods_table() -> String {
         let base = match m.base() {
             BaseUse::Required => "required",
             BaseUse::Optional => "optional",
+            BaseUse::OptionalApart => "optional",
         };
         let models = match m.model_count() {
             (lo, Some(hi)) if lo == hi => format!("{lo}"),
@@ -948,6 +1038,9 @@ fn size_candle_pool(command: &Command) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     size_candle_pool(&cli.command);
+    // Before any thread starts (and after the last `set_var`): SIGINT / SIGTERM end evaluators,
+    // Slurm jobs and scratch directories, then exit 130 / 143 (see evomerge::procs).
+    evomerge::procs::install_signal_cleanup();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

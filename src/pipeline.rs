@@ -3,7 +3,8 @@
 //! output directory. Data flows one way: the search returns what the report needs
 //! ([`RunSummary`]) and never calls into the report; this module joins the two, by installing
 //! the report as the search's [`RunOptions::finish`] hook (so a PS+DFS search's own PS run gets
-//! its report too).
+//! its report too). The hook runs while the search still holds its directory's lock
+//! ([`crate::search::run::RunLock`]), and writes each file atomically, as the search does.
 //!
 //! ```no_run
 //! use evomerge::search::{SearchDef, run::RunOptions};

@@ -22,12 +22,25 @@
 //! | `{work_dir}`  | `EVOMERGE_WORK_DIR`  | the scratch directory (write outputs here)   |
 //!
 //! A variable is unset when its value does not exist (no recipe, no model); a placeholder whose
-//! value does not exist is an [`EvalError::Candidate`]. The program's stdin is empty, it runs in
+//! value does not exist is an [`EvalError::Candidate`]. The program also gets
+//! `EVOMERGE_OWNER=<host>:<pid>` ([`crate::procs::OWNER_ENV`]). Its stdin is empty, it runs in
 //! its own process group, and its **last non-empty stdout line** must be one flat JSON object of
 //! numbers, e.g. `{"primary": 0.61, "gsm8k/acc": 0.58, "mmlu/acc": 0.64}` (earlier lines are
 //! free for logs). The fitness is the key named by `metric` (default `primary`). `NaN`,
 //! `Infinity` (as Python's `json.dumps` prints them) and `null` are not finite. The scratch
-//! directory is removed afterwards.
+//! directory, `evomerge-eval-<host>-<pid>-<n>-<nanos>` in `scratch_dir` (default: the system
+//! temp dir), is removed afterwards.
+//!
+//! **Where it runs.** A local child process by default; with `[parallelism] launcher = "slurm"`
+//! ([`CommandEvaluator::try_with_launcher`]) each evaluation is a Slurm job started with `srun`
+//! (see [`crate::eval::slurm`]), and `scratch_dir` must be on a file system every node shares.
+//!
+//! **Interruptions** ([`crate::procs`]). Live evaluator process groups, Slurm jobs and scratch
+//! directories are registered: on SIGINT / SIGTERM the `evomerge` binary kills, cancels and
+//! removes them before it exits (130 / 143), and the evaluations cut short are not recorded.
+//! After a SIGKILL, the direct child dies with evomerge (its parent-death signal: SIGKILL, or
+//! SIGTERM for `srun`, which then cancels its job), and the next command evaluator made on the
+//! same host removes what is left ([`crate::procs::sweep_leftovers`]).
 //!
 //! Failures are typed: exit status ≠ 0 → [`EvalError::Exit`]; past `timeout_s` → the whole
 //! process group is killed and [`EvalError::Timeout`]; a last line that is not such an object,
@@ -51,7 +64,6 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,6 +72,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::candidate::{Candidate, CandidateBody, MemModel};
 use crate::error::{Error, Result};
+use crate::eval::slurm::SlurmOptions;
 use crate::eval::{EvalError, Evaluator, Score, Split};
 use crate::store::{ModelWriter, TensorInfo, WriteConfig};
 use crate::tensor::DType;
@@ -191,18 +204,55 @@ impl CommandSpec {
 pub struct CommandEvaluator {
     spec: CommandSpec,
     name: String,
+    /// Run each evaluation as a Slurm job ([`crate::eval::slurm`]) instead of a local child.
+    slurm: Option<SlurmOptions>,
 }
 
 impl CommandEvaluator {
-    /// Validate `spec` (see [`CommandSpec::check`]).
+    /// Validate `spec` (see [`CommandSpec::check`]); evaluations run as local child processes.
     pub fn try_new(spec: CommandSpec) -> Result<Self> {
+        CommandEvaluator::try_with_launcher(spec, None)
+    }
+
+    /// Validate `spec`; with `slurm`, each evaluation runs as a Slurm job (which needs
+    /// `scratch_dir`, on a file system every node shares, and `srun` on the `PATH`). Removes what
+    /// an evomerge killed outright on this host left behind ([`crate::procs::sweep_leftovers`]).
+    pub fn try_with_launcher(spec: CommandSpec, slurm: Option<SlurmOptions>) -> Result<Self> {
         spec.check()
             .map_err(|(_, msg)| Error::Eval(format!("command evaluator: {msg}")))?;
+        if let Some(options) = &slurm {
+            options
+                .check()
+                .map_err(|(_, msg)| Error::Eval(format!("command evaluator on Slurm: {msg}")))?;
+            if spec.scratch_dir.is_none() {
+                return Err(Error::Eval(
+                    "command evaluator on Slurm: set `scratch_dir` to a directory every node \
+                     shares (the job reads the candidate there and writes its outputs there)"
+                        .into(),
+                ));
+            }
+            if !crate::eval::slurm::srun_available() {
+                return Err(Error::Eval(
+                    "command evaluator on Slurm: `srun --version` does not run; is this a \
+                     Slurm login node (scripts/slurm-up.sh starts a local one)?"
+                        .into(),
+                ));
+            }
+        }
         let name = Path::new(&spec.command[0])
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "command".into());
-        Ok(CommandEvaluator { spec, name })
+        crate::procs::sweep_leftovers(
+            &scratch_parent(spec.scratch_dir.as_deref())?,
+            slurm.is_some(),
+        );
+        Ok(CommandEvaluator { spec, name, slurm })
+    }
+
+    /// The Slurm options, when evaluations run as Slurm jobs.
+    pub fn slurm(&self) -> Option<&SlurmOptions> {
+        self.slurm.as_ref()
     }
 
     /// The spec it runs.
@@ -304,9 +354,32 @@ impl CommandEvaluator {
             .iter()
             .map(|a| substitute(a, &values))
             .collect();
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::null())
+        let job = self.slurm.as_ref().map(|_| crate::eval::slurm::job_name());
+        let mut cmd = match (&self.slurm, &job) {
+            (Some(options), Some(job)) => {
+                let mut cmd = Command::new("srun");
+                cmd.args(options.srun_args_for(job, self.spec.timeout_s, &argv));
+                // Inside an allocation (evomerge itself run by sbatch / salloc), the inherited
+                // job variables would make `srun` start a step of that allocation, and its
+                // output variables would be read back as options: each evaluation is a job of
+                // its own. `env` below may still set any of them.
+                for (key, _) in std::env::vars_os() {
+                    if key
+                        .to_str()
+                        .is_some_and(|k| k.starts_with("SLURM_") && k != "SLURM_CONF")
+                    {
+                        cmd.env_remove(key);
+                    }
+                }
+                cmd
+            }
+            _ => {
+                let mut cmd = Command::new(&argv[0]);
+                cmd.args(&argv[1..]);
+                cmd
+            }
+        };
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (p, var) in [
@@ -326,26 +399,31 @@ impl CommandEvaluator {
         if let Some(cwd) = &self.spec.cwd {
             cmd.current_dir(cwd);
         }
-        #[cfg(unix)]
-        {
-            use std::os::unix::process::CommandExt;
-            cmd.process_group(0);
-        }
+        let program = if job.is_some() { "srun" } else { &argv[0] };
         let out = run_with_timeout(
             cmd,
-            &argv[0],
+            program,
             Duration::try_from_secs_f64(self.spec.timeout_s).unwrap_or(Duration::MAX),
             self.spec.max_stderr_bytes,
+            job.as_deref(),
         )?;
         match out.status {
             Outcome::TimedOut => Err(EvalError::Timeout {
                 seconds: self.spec.timeout_s,
                 stderr: out.stderr,
             }),
-            Outcome::Exited(status) if !status.success() => Err(EvalError::Exit {
-                status: status.to_string(),
-                stderr: out.stderr,
-            }),
+            Outcome::Exited(status) if !status.success() => match (&self.slurm, &job) {
+                (Some(options), Some(job)) => Err(crate::eval::slurm::job_error(
+                    job,
+                    &status.to_string(),
+                    options.time_limit_s(self.spec.timeout_s),
+                    out.stderr,
+                )),
+                _ => Err(EvalError::Exit {
+                    status: status.to_string(),
+                    stderr: out.stderr,
+                }),
+            },
             Outcome::Exited(_) => {
                 let key = self.spec.metric.as_deref().unwrap_or("primary");
                 score_from_stdout(&out.stdout, key).map_err(|e| match e {
@@ -508,30 +586,39 @@ fn tail_chars(s: &str, n: usize) -> String {
     }
 }
 
-/// A scratch directory removed on drop.
+/// Where scratch directories go: `scratch_dir` (absolute), else the system temp dir.
+fn scratch_parent(dir: Option<&Path>) -> Result<PathBuf> {
+    match dir {
+        Some(p) => std::path::absolute(p).map_err(|e| Error::io(p, e)),
+        None => Ok(std::env::temp_dir()),
+    }
+}
+
+/// A scratch directory, `evomerge-eval-<host>-<pid>-<n>-<nanos>` (so a later evomerge can tell
+/// whose it was: [`crate::procs::scratch_owner`]), removed on drop and, through its registration,
+/// when evomerge is interrupted.
 struct ScratchDir {
     path: PathBuf,
+    _live: crate::procs::Live,
 }
 
 impl ScratchDir {
     fn create(parent: Option<&Path>) -> Result<Self> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let parent = match parent {
-            Some(p) => std::path::absolute(p).map_err(|e| Error::io(p, e))?,
-            None => std::env::temp_dir(),
-        };
+        let parent = scratch_parent(parent)?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
         loop {
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let n = crate::procs::next_number();
             let path = parent.join(format!(
-                "evomerge-eval-{}-{n}-{nanos:08x}",
+                "{}{}-{}-{n}-{nanos:08x}",
+                crate::procs::SCRATCH_PREFIX,
+                crate::procs::host(),
                 std::process::id()
             ));
-            match std::fs::create_dir(&path) {
-                Ok(()) => return Ok(ScratchDir { path }),
+            match crate::procs::create_dir(&path) {
+                Ok(live) => return Ok(ScratchDir { path, _live: live }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(Error::io(path, e)),
             }
@@ -545,6 +632,7 @@ impl ScratchDir {
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
+        // Removed before `_live` unregisters it.
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
@@ -635,13 +723,31 @@ const PIPE_GRACE: Duration = Duration::from_secs(2);
 
 const STDOUT_CAP: usize = 1 << 20;
 
+/// Run `cmd` (registered with [`crate::procs`]; `job`: the Slurm job `srun` starts) until it
+/// exits or `timeout` passes; then the job is cancelled and the process group killed.
 fn run_with_timeout(
     mut cmd: Command,
     program: &str,
     timeout: Duration,
     stderr_cap: usize,
+    job: Option<&str>,
 ) -> Result<Output, EvalError> {
-    let mut child = cmd.spawn().map_err(|e| Error::io(program, e))?;
+    // `srun` cancels its job on SIGTERM; a plain evaluator is killed.
+    #[cfg(unix)]
+    let death_signal = if job.is_some() {
+        libc::SIGTERM
+    } else {
+        libc::SIGKILL
+    };
+    #[cfg(not(unix))]
+    let death_signal = 9;
+    let (mut child, live) =
+        crate::procs::spawn(&mut cmd, job, death_signal).map_err(|e| Error::io(program, e))?;
+    let cancel = || {
+        if let Some(job) = job {
+            crate::eval::slurm::scancel_names(&[job.to_string()]);
+        }
+    };
     let (out_tail, out_done) = spawn_reader(child.stdout.take().expect("piped"), STDOUT_CAP);
     let (err_tail, err_done) = spawn_reader(child.stderr.take().expect("piped"), stderr_cap);
     let start = Instant::now();
@@ -651,13 +757,16 @@ fn run_with_timeout(
             Ok(Some(status)) => break Outcome::Exited(status),
             Ok(None) => {}
             Err(e) => {
+                cancel();
                 kill_tree(&mut child);
                 let _ = child.wait();
+                live.finish();
                 return Err(Error::io(program, e).into());
             }
         }
         let elapsed = start.elapsed();
         if elapsed >= timeout {
+            cancel();
             kill_tree(&mut child);
             let _ = child.wait();
             break Outcome::TimedOut;
@@ -670,6 +779,8 @@ fn run_with_timeout(
     if let Outcome::Exited(_) = status {
         kill_tree(&mut child);
     }
+    // Blocks for good when a shutdown signal ended the child: it is no result.
+    live.finish();
     let deadline = Instant::now() + PIPE_GRACE;
     for done in [&out_done, &err_done] {
         let _ = done.recv_timeout(deadline.saturating_duration_since(Instant::now()));

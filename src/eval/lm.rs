@@ -82,6 +82,7 @@ use candle_core::{DType, Device};
 use crate::candidate::Candidate;
 use crate::error::{Error, Result};
 use crate::eval::runner::Runner;
+use crate::eval::subsample;
 use crate::eval::tasks::{Example, McScore, Metric, ScoreTransform, Task};
 use crate::eval::{EvalError, Evaluator, Score, Split};
 use crate::model::CausalLm;
@@ -328,6 +329,16 @@ impl LmEvaluator {
 
     /// Score an already built model on `split`.
     pub fn score_model(&self, model: &dyn CausalLm, split: Split) -> Result<Score, EvalError> {
+        self.check_vocab(model)?;
+        let mut tallies = Vec::with_capacity(self.tasks.len());
+        for (t, et) in self.tasks.iter().enumerate() {
+            let examples: Vec<&Encoded> = et.examples(split).iter().collect();
+            tallies.push(self.tally(model, t, &examples)?);
+        }
+        self.score_of(&tallies)
+    }
+
+    fn check_vocab(&self, model: &dyn CausalLm) -> Result<(), EvalError> {
         let vocab = model.vocab_size();
         if self.max_id as usize >= vocab {
             return Err(EvalError::Candidate(format!(
@@ -335,56 +346,132 @@ impl LmEvaluator {
                 self.max_id
             )));
         }
+        Ok(())
+    }
+
+    /// Score `examples` of task `t` (all of one split): the counts its metrics come from.
+    fn tally(
+        &self,
+        model: &dyn CausalLm,
+        t: usize,
+        examples: &[&Encoded],
+    ) -> Result<Tally, EvalError> {
+        let task = &self.tasks[t].task;
+        let run = self.runner(model, task.spec.batch_size);
+        Ok(match task.spec.metric {
+            Metric::ExactMatch => {
+                let (right, scored) = self.exact_match(&run, examples, task)?;
+                Tally {
+                    scored,
+                    right,
+                    ..Tally::default()
+                }
+            }
+            Metric::MultipleChoice => {
+                let (right, right_norm, scored) =
+                    choice_counts(&run, examples).map_err(candidate_err)?;
+                Tally {
+                    scored,
+                    right,
+                    right_norm,
+                    ..Tally::default()
+                }
+            }
+            Metric::Perplexity => Tally {
+                scored: examples.len(),
+                ll: log_likelihood_totals(&run, examples).map_err(candidate_err)?,
+                ..Tally::default()
+            },
+        })
+    }
+
+    /// Task `t`'s score (in [0, 1], what the fitness averages) and metrics from its tally.
+    fn task_values(&self, t: usize, tally: &Tally) -> (f64, Vec<(String, f64)>) {
+        let task = &self.tasks[t].task;
+        let spec = &task.spec;
+        let name = &spec.name;
+        let mut values: Vec<(String, f64)> = Vec::new();
+        let accuracy = |right: usize| right as f64 / tally.scored.max(1) as f64;
+        let score = match spec.metric {
+            Metric::ExactMatch => {
+                let acc = accuracy(tally.right);
+                values.push((task.metric_key(), acc));
+                acc
+            }
+            Metric::MultipleChoice => {
+                let (acc, acc_norm) = (accuracy(tally.right), accuracy(tally.right_norm));
+                let main = match spec.mc_score {
+                    McScore::Acc => acc,
+                    McScore::AccNorm => acc_norm,
+                };
+                values.push((task.metric_key(), main));
+                values.push((format!("{name}/acc"), acc));
+                values.push((format!("{name}/acc_norm"), acc_norm));
+                main
+            }
+            Metric::Perplexity => {
+                let ll = &tally.ll;
+                values.push((task.metric_key(), ll.nll().exp()));
+                values.push((format!("{name}/nll"), ll.nll()));
+                values.push((format!("{name}/bits_per_byte"), ll.bits_per_byte()));
+                match spec.score_transform {
+                    ScoreTransform::ByteProbability => (ll.sum / ll.bytes.max(1) as f64).exp(),
+                    ScoreTransform::TokenProbability => (-ll.nll()).exp(),
+                }
+            }
+        };
+        values.push((format!("{name}/score"), score));
+        (score, values)
+    }
+
+    /// The highest score task `t` can end with on `split` given its tally: every example not
+    /// yet scored right, every text token not yet scored at probability 1.
+    fn task_upper(&self, t: usize, split: Split, tally: &Tally) -> f64 {
+        let et = &self.tasks[t];
+        let spec = &et.task.spec;
+        let examples = et.examples(split);
+        let n = examples.len();
+        match spec.metric {
+            Metric::ExactMatch => subsample::accuracy_upper(tally.right, tally.scored, n),
+            Metric::MultipleChoice => {
+                let right = match spec.mc_score {
+                    McScore::Acc => tally.right,
+                    McScore::AccNorm => tally.right_norm,
+                };
+                subsample::accuracy_upper(right, tally.scored, n)
+            }
+            Metric::Perplexity => {
+                let units: usize = examples
+                    .iter()
+                    .map(|e| match (e, spec.score_transform) {
+                        (Encoded::Text { bytes, .. }, ScoreTransform::ByteProbability) => *bytes,
+                        (Encoded::Text { ids, .. }, ScoreTransform::TokenProbability) => {
+                            ids.len() - 1
+                        }
+                        _ => 0,
+                    })
+                    .sum();
+                subsample::loglik_upper(tally.ll.sum, units)
+            }
+        }
+    }
+
+    /// The score of every task's tally: the metrics, and the weighted mean of the task scores.
+    fn score_of(&self, tallies: &[Tally]) -> Result<Score, EvalError> {
         let mut metrics = std::collections::BTreeMap::new();
         let mut weighted = 0.0;
         let mut total_weight = 0.0;
-        for et in &self.tasks {
-            let task = &et.task;
-            let spec = &task.spec;
-            let run = self.runner(model, spec.batch_size);
-            let examples = match split {
-                Split::Dev => &et.dev,
-                Split::Test => &et.test,
-            };
-            let name = &spec.name;
-            let mut values: Vec<(String, f64)> = Vec::new();
-            let score = match spec.metric {
-                Metric::ExactMatch => {
-                    let acc = self.exact_match(&run, examples, task)?;
-                    values.push((task.metric_key(), acc));
-                    acc
-                }
-                Metric::MultipleChoice => {
-                    let (acc, acc_norm) = choice_accuracy(&run, examples).map_err(candidate_err)?;
-                    let main = match spec.mc_score {
-                        McScore::Acc => acc,
-                        McScore::AccNorm => acc_norm,
-                    };
-                    values.push((task.metric_key(), main));
-                    values.push((format!("{name}/acc"), acc));
-                    values.push((format!("{name}/acc_norm"), acc_norm));
-                    main
-                }
-                Metric::Perplexity => {
-                    let ll = log_likelihood_totals(&run, examples).map_err(candidate_err)?;
-                    values.push((task.metric_key(), ll.nll().exp()));
-                    values.push((format!("{name}/nll"), ll.nll()));
-                    values.push((format!("{name}/bits_per_byte"), ll.bits_per_byte()));
-                    match spec.score_transform {
-                        ScoreTransform::ByteProbability => (ll.sum / ll.bytes.max(1) as f64).exp(),
-                        ScoreTransform::TokenProbability => (-ll.nll()).exp(),
-                    }
-                }
-            };
-            values.push((format!("{name}/score"), score));
+        for (t, tally) in tallies.iter().enumerate() {
+            let (score, values) = self.task_values(t, tally);
             for (key, value) in values {
                 if !value.is_finite() {
                     return Err(EvalError::NotFinite { metric: key, value });
                 }
                 metrics.insert(key, value);
             }
-            weighted += spec.weight * score;
-            total_weight += spec.weight;
+            let weight = self.tasks[t].task.spec.weight;
+            weighted += weight * score;
+            total_weight += weight;
         }
         let primary = weighted / total_weight;
         if !primary.is_finite() {
@@ -396,12 +483,13 @@ impl LmEvaluator {
         Ok(Score { primary, metrics })
     }
 
+    /// Right answers and examples scored of the generation examples among `examples`.
     fn exact_match(
         &self,
         run: &Runner<'_>,
-        examples: &[Encoded],
+        examples: &[&Encoded],
         task: &Task,
-    ) -> Result<f64, EvalError> {
+    ) -> Result<(usize, usize), EvalError> {
         let mut prompts = Vec::with_capacity(examples.len());
         let mut targets = Vec::with_capacity(examples.len());
         for e in examples {
@@ -421,7 +509,105 @@ impl LmEvaluator {
             .zip(&targets)
             .filter(|(o, t)| task.is_correct(o, t))
             .count();
-        Ok(correct as f64 / targets.len().max(1) as f64)
+        Ok((correct, targets.len()))
+    }
+}
+
+/// What has been scored of one task: the counts its metrics come from. Accuracy metrics divide
+/// `right` by `scored` (so the counts of the whole split give exactly the whole evaluation's
+/// accuracy); perplexity pools `ll`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    scored: usize,
+    /// Exact match: right answers; multiple choice: right by `acc`.
+    right: usize,
+    /// Multiple choice: right by `acc_norm`.
+    right_norm: usize,
+    ll: LogLikelihood,
+}
+
+impl Tally {
+    fn add(&mut self, other: &Tally) {
+        self.scored += other.scored;
+        self.right += other.right;
+        self.right_norm += other.right_norm;
+        self.ll.sum += other.ll.sum;
+        self.ll.tokens += other.ll.tokens;
+        self.ll.bytes += other.ll.bytes;
+    }
+}
+
+impl EncodedTask {
+    fn examples(&self, split: Split) -> &[Encoded] {
+        match split {
+            Split::Dev => &self.dev,
+            Split::Test => &self.test,
+        }
+    }
+}
+
+/// One built model scored a slice at a time ([`subsample::race`]).
+struct LmSlices<'a> {
+    eval: &'a LmEvaluator,
+    model: &'a dyn CausalLm,
+    split: Split,
+    tallies: Vec<Tally>,
+}
+
+impl subsample::Sliced for LmSlices<'_> {
+    fn tasks(&self) -> Vec<subsample::SliceTask> {
+        self.eval
+            .tasks
+            .iter()
+            .map(|et| {
+                let spec = &et.task.spec;
+                subsample::SliceTask {
+                    name: spec.name.clone(),
+                    examples: et.examples(self.split).len(),
+                    // one sequence per example, except multiple choice (one per choice)
+                    batch: match spec.metric {
+                        Metric::MultipleChoice => 1,
+                        _ => spec.batch_size.unwrap_or(self.eval.config.batch_size),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn score(&mut self, slice: &[(usize, &[usize])]) -> Result<(), EvalError> {
+        use rayon::prelude::*;
+        // The tasks of a slice at once (each task's batches in parallel too), on the caller's
+        // pool; each task's tally is its own, and the first error in task order is returned,
+        // so nothing depends on which finished first.
+        let tallies: Vec<Result<Tally, EvalError>> = slice
+            .par_iter()
+            .map(|&(task, indices)| {
+                let all = self.eval.tasks[task].examples(self.split);
+                let examples: Vec<&Encoded> = indices.iter().map(|&i| &all[i]).collect();
+                self.eval.tally(self.model, task, &examples)
+            })
+            .collect();
+        for (&(task, _), tally) in slice.iter().zip(tallies) {
+            self.tallies[task].add(&tally?);
+        }
+        Ok(())
+    }
+
+    fn state(&self, task: usize) -> subsample::TaskState {
+        let tally = &self.tallies[task];
+        let et = &self.eval.tasks[task];
+        subsample::TaskState {
+            weight: et.task.spec.weight,
+            upper: self.eval.task_upper(task, self.split, tally),
+            partial: self.eval.task_values(task, tally).0,
+            scored: tally.scored,
+            total: et.examples(self.split).len(),
+            mean_of_unit_values: et.task.spec.metric != Metric::Perplexity,
+        }
+    }
+
+    fn score_so_far(&self) -> Result<Score, EvalError> {
+        self.eval.score_of(&self.tallies)
     }
 }
 
@@ -434,6 +620,28 @@ impl Evaluator for LmEvaluator {
         let model = (self.builder)(candidate, &self.config.device, self.config.dtype)
             .map_err(candidate_err)?;
         self.score_model(model.as_ref(), split)
+    }
+
+    /// Raced as [`subsample`] describes: the model is built once, then scored slice by slice.
+    fn evaluate_subsampled(
+        &self,
+        candidate: &Candidate,
+        split: Split,
+        race: &subsample::Race,
+    ) -> Option<Result<subsample::Raced, EvalError>> {
+        let run = || {
+            let model = (self.builder)(candidate, &self.config.device, self.config.dtype)
+                .map_err(candidate_err)?;
+            self.check_vocab(model.as_ref())?;
+            let mut slices = LmSlices {
+                eval: self,
+                model: model.as_ref(),
+                split,
+                tallies: vec![Tally::default(); self.tasks.len()],
+            };
+            subsample::race(&mut slices, race)
+        };
+        Some(run())
     }
 }
 
@@ -614,9 +822,10 @@ fn encode_split(
         .collect()
 }
 
-/// Multiple-choice accuracies `(acc, acc_norm)`: the argmax (first on ties) of the summed
-/// choice log-likelihood, and of it divided by the choice's character length.
-fn choice_accuracy(run: &Runner<'_>, examples: &[Encoded]) -> Result<(f64, f64)> {
+/// Multiple-choice counts `(right by acc, right by acc_norm, examples)`: the argmax (first on
+/// ties) of the summed choice log-likelihood, and of it divided by the choice's character
+/// length.
+fn choice_counts(run: &Runner<'_>, examples: &[&Encoded]) -> Result<(usize, usize, usize)> {
     let mut seqs = Vec::new();
     for e in examples {
         if let Encoded::Choice {
@@ -662,11 +871,11 @@ fn choice_accuracy(run: &Runner<'_>, examples: &[Encoded]) -> Result<(f64, f64)>
             acc_norm += usize::from(argmax(&mut normed) == Some(*answer));
         }
     }
-    let n = n.max(1) as f64;
-    Ok((acc as f64 / n, acc_norm as f64 / n))
+    Ok((acc, acc_norm, n))
 }
 
 /// Pooled log-likelihood of a split's texts.
+#[derive(Clone, Copy, Debug, Default)]
 struct LogLikelihood {
     /// Σ log p (nats, ≤ 0).
     sum: f64,
@@ -686,7 +895,7 @@ impl LogLikelihood {
 }
 
 /// Σ log p of every text token after its one-token context.
-fn log_likelihood_totals(run: &Runner<'_>, examples: &[Encoded]) -> Result<LogLikelihood> {
+fn log_likelihood_totals(run: &Runner<'_>, examples: &[&Encoded]) -> Result<LogLikelihood> {
     let mut seqs = Vec::new();
     let mut bytes = 0;
     for e in examples {
@@ -811,6 +1020,159 @@ mod tests {
             .evaluate(&candidate(BigramLm::mem_model(5, t)), Split::Dev)
             .unwrap();
         assert!((s.primary - 1.0 / 3.0).abs() < 1e-12, "{s:?}");
+    }
+
+    /// Three tasks, one per metric, with enough examples to race over; a model that gets some
+    /// of each right.
+    fn race_world() -> (LmEvaluator, Candidate) {
+        let prompts = ["a", "b", "c", "a", "b"];
+        let em: Vec<Example> = (0..20)
+            .map(|i| ex(prompts[i % 5], ["bc", "c", "x", "b", "cc"][i % 5]))
+            .collect();
+        let em_task =
+            Task::from_examples(TaskSpec::new("em", "-", Metric::ExactMatch), em.clone(), em)
+                .unwrap();
+        let mc: Vec<Example> = (0..12)
+            .map(|i| Example::Choice {
+                prompt: prompts[i % 5].into(),
+                choices: vec!["b".into(), "c".into(), "a".into()],
+                answer: i % 3,
+            })
+            .collect();
+        let mut mc_spec = TaskSpec::new("mc", "-", Metric::MultipleChoice);
+        mc_spec.weight = 2.0;
+        let mc_task = Task::from_examples(mc_spec, mc.clone(), mc).unwrap();
+        let texts: Vec<Example> = (0..9)
+            .map(|i| Example::Text {
+                text: ["abc\n", "ca", "bca", "cab\n"][i % 4].into(),
+            })
+            .collect();
+        let ppl_task = Task::from_examples(
+            TaskSpec::new("text", "-", Metric::Perplexity),
+            texts.clone(),
+            texts,
+        )
+        .unwrap();
+        let cfg = LmConfig {
+            batch_size: 4,
+            ..LmConfig::default()
+        };
+        let eval = LmEvaluator::try_new(vec![em_task, mc_task, ppl_task], Arc::new(vocab()), cfg)
+            .unwrap()
+            .with_builder(bigram_builder());
+        (eval, candidate(BigramLm::mem_model(5, chain_table())))
+    }
+
+    #[test]
+    fn raced_evaluation_without_a_bar_equals_the_whole_evaluation() {
+        let (eval, c) = race_world();
+        let whole = eval.evaluate(&c, Split::Dev).unwrap();
+        assert!(whole.primary > 0.1 && whole.primary < 0.9, "{whole:?}");
+        let race = subsample::Race {
+            fraction: 0.25,
+            bound: None,
+            confidence: None,
+        };
+        let raced = eval
+            .evaluate_subsampled(&c, Split::Dev, &race)
+            .unwrap()
+            .unwrap();
+        assert!(!raced.stopped);
+        assert_eq!((raced.examples, raced.total), (41, 41));
+        // counts add up to the same accuracies exactly; the pooled log-likelihood is summed
+        // slice by slice
+        for key in [
+            "em/exact_match",
+            "mc/acc",
+            "mc/acc_norm",
+            "mc/multiple_choice",
+        ] {
+            assert_eq!(raced.score.metrics[key], whole.metrics[key], "{key}");
+        }
+        assert!((raced.score.primary - whole.primary).abs() < 1e-12);
+        for (k, v) in &whole.metrics {
+            assert!((raced.score.metrics[k] - v).abs() < 1e-9, "{k}");
+        }
+    }
+
+    #[test]
+    fn task_upper_bounds_hold_for_every_metric_after_every_slice() {
+        use subsample::Sliced;
+        let (eval, c) = race_world();
+        let whole = eval.evaluate(&c, Split::Dev).unwrap();
+        let model = bigram_builder()(&c, &Device::Cpu, DType::F32).unwrap();
+        let mut slices = LmSlices {
+            eval: &eval,
+            model: model.as_ref(),
+            split: Split::Dev,
+            tallies: vec![Tally::default(); 3],
+        };
+        let names = ["em", "mc", "text"];
+        for (t, task) in slices.tasks().into_iter().enumerate() {
+            let name = task.name;
+            assert_eq!(name, names[t]);
+            assert_eq!(
+                task.batch,
+                [4, 1, 4][t],
+                "batch_size 4; multiple choice unaligned"
+            );
+            let order = subsample::order(&name, task.examples);
+            for r in subsample::slices(task.examples, 0.25, 1) {
+                slices.score(&[(t, &order[r])]).unwrap();
+                let upper = slices.state(t).upper;
+                let final_score = whole.metrics[&format!("{name}/score")];
+                assert!(
+                    upper >= final_score - 1e-12,
+                    "{name}: {upper} < {final_score}"
+                );
+                let partial = slices.score_so_far().unwrap().metrics[&format!("{name}/score")];
+                assert!(
+                    partial <= upper + 1e-12,
+                    "{name}: partial {partial} > {upper}"
+                );
+            }
+            // every example scored: the bound is the score itself
+            let done = slices.state(t).upper;
+            assert!((done - whole.metrics[&format!("{name}/score")]).abs() < 1e-9);
+        }
+        assert_eq!(slices.state(1).weight, 2.0);
+    }
+
+    #[test]
+    fn a_candidate_below_the_bar_is_stopped_with_its_partial_score_flagged() {
+        let (eval, c) = race_world();
+        // nothing reaches 1.01: stopped after the first slice of every task
+        let race = subsample::Race {
+            fraction: 0.25,
+            bound: Some(1.01),
+            confidence: None,
+        };
+        let raced = eval
+            .evaluate_subsampled(&c, Split::Dev, &race)
+            .unwrap()
+            .unwrap();
+        assert!(raced.stopped);
+        // a quarter of 20, 12 and 9 examples: 5 and 2 rounded up to whole batches of 4, and 3
+        assert_eq!(raced.examples, 8 + 3 + 4);
+        assert!(raced.score.primary <= raced.upper && raced.upper < 1.01);
+        let s = raced.into_score();
+        assert_eq!(s.metrics[subsample::STOPPED_KEY], 1.0);
+        assert_eq!(s.metrics[subsample::EXAMPLES_KEY], 15.0);
+        assert_eq!(s.metrics[subsample::TOTAL_KEY], 41.0);
+        assert_eq!(s.metrics[subsample::BOUND_KEY], 1.01);
+        // a bar at the candidate's own fitness is reachable: it is never stopped
+        let whole = eval.evaluate(&c, Split::Dev).unwrap();
+        let race = subsample::Race {
+            fraction: 0.1,
+            bound: Some(whole.primary),
+            confidence: None,
+        };
+        let raced = eval
+            .evaluate_subsampled(&c, Split::Dev, &race)
+            .unwrap()
+            .unwrap();
+        assert!(!raced.stopped);
+        assert_eq!(raced.examples, 41);
     }
 
     #[test]

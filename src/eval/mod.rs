@@ -8,6 +8,8 @@ pub mod command;
 pub mod double;
 pub mod lm;
 pub mod runner;
+pub mod slurm;
+pub mod subsample;
 pub mod table;
 pub mod tasks;
 
@@ -84,4 +86,17 @@ pub trait Evaluator: Send + Sync {
     fn name(&self) -> &str;
     /// Score `candidate` on `split`.
     fn evaluate(&self, candidate: &Candidate, split: Split) -> Result<Score, EvalError>;
+
+    /// Score `candidate` on `split` a slice of examples at a time, stopping once it cannot reach
+    /// `race.bound` ([`subsample`]). `None` (the default) when this evaluator cannot score part
+    /// of a split: the caller then scores the candidate whole.
+    fn evaluate_subsampled(
+        &self,
+        candidate: &Candidate,
+        split: Split,
+        race: &subsample::Race,
+    ) -> Option<Result<subsample::Raced, EvalError>> {
+        let _ = (candidate, split, race);
+        None
+    }
 }

@@ -666,7 +666,7 @@ fn draw_shots(spec: &TaskSpec, train: &[Example]) -> Result<Vec<Shot>> {
 }
 
 /// FNV-1a of a string: a seed that is stable across platforms and Rust versions.
-fn fnv1a(s: &str) -> u64 {
+pub(crate) fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
@@ -674,7 +674,7 @@ fn fnv1a(s: &str) -> u64 {
 
 /// `k` distinct indices below `n`, by a partial Fisher–Yates shuffle driven by SplitMix64 (a
 /// fixed algorithm, so a seed draws the same shots on every machine and version).
-fn sample_indices(n: usize, k: usize, seed: u64) -> Vec<usize> {
+pub(crate) fn sample_indices(n: usize, k: usize, seed: u64) -> Vec<usize> {
     let mut state = seed;
     let mut next = move || {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);

@@ -42,7 +42,7 @@ use std::sync::Arc;
 
 use crate::arch::{self, Position};
 use crate::error::{Error, Result};
-use crate::merge::{BaseUse, MergeMethod, Params, Scope};
+use crate::merge::{MergeMethod, Params, Scope};
 use crate::recipe::params::{layer_t, resolve};
 use crate::recipe::{Inputs, ModelRef, ParamMap, Recipe, TokenizerSource};
 use crate::store::{ModelSet, TensorInfo, TensorSource};

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::eval::Split;
+use crate::store::writer::write_atomic;
 
 pub mod plots;
 
@@ -212,14 +213,14 @@ pub fn after_search(out_dir: &Path, summary: &RunSummary, options: &RunOptions) 
     Ok(())
 }
 
-/// Write `report.json` and `report.md` into `out_dir`.
+/// Write `report.json` and `report.md` into `out_dir`, each atomically
+/// ([`crate::store::writer::write_atomic`]: a kill leaves the old file or the new one).
 pub fn save(out_dir: &Path, report: &Report) -> Result<()> {
     let json = out_dir.join(REPORT_JSON);
     let text = serde_json::to_string_pretty(report)
         .map_err(|e| Error::Search(format!("cannot encode the report: {e}")))?;
-    std::fs::write(&json, text).map_err(|e| Error::io(&json, e))?;
-    let md = out_dir.join(REPORT_MD);
-    std::fs::write(&md, report.markdown()).map_err(|e| Error::io(&md, e))
+    write_atomic(&json, text.as_bytes())?;
+    write_atomic(&out_dir.join(REPORT_MD), report.markdown().as_bytes())
 }
 
 /// Read `out_dir/report.json`.

@@ -23,6 +23,7 @@ use crate::candidate::Route;
 use crate::error::{Error, Result};
 use crate::search::history::{self, Record};
 use crate::search::space::{Part, SpaceFile, reflect};
+use crate::store::writer::temp_path;
 
 const FONT: &str = "sans-serif";
 
@@ -40,7 +41,18 @@ fn perr<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
     move |e| Error::Msg(format!("drawing {what}: {e:?}"))
 }
 
-/// Redraw every plot of the search in `out_dir`; returns the files written.
+/// Rename a plot drawn into `tmp` to `path`; when drawing failed (`drawn`), or the rename
+/// does, remove `tmp`.
+fn into_place(drawn: Result<()>, tmp: &Path, path: &Path) -> Result<()> {
+    let renamed = drawn.and_then(|()| std::fs::rename(tmp, path).map_err(|e| Error::io(path, e)));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    renamed
+}
+
+/// Redraw every plot of the search in `out_dir`; returns the files written. Each file is
+/// replaced atomically (drawn under a temporary name, then renamed).
 pub fn plot(out_dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     register_font();
     let records = history::load(out_dir)?;
@@ -56,10 +68,16 @@ pub fn plot(out_dir: &Path) -> Result<Vec<std::path::PathBuf>> {
                     draw_svg: &dyn Fn(DrawingArea<SVGBackend, Shift>) -> Result<()>,
                     size: (u32, u32)|
      -> Result<()> {
+        // Each drawn under a temporary name (the extension kept, which picks the encoder)
+        // and renamed into place, so a kill never leaves a half-written plot.
         let png = dir.join(format!("{name}.png"));
-        draw(BitMapBackend::new(&png, size).into_drawing_area())?;
+        let tmp = temp_path(&png);
+        let drawn = draw(BitMapBackend::new(&tmp, size).into_drawing_area());
+        into_place(drawn, &tmp, &png)?;
         let svg = dir.join(format!("{name}.svg"));
-        draw_svg(SVGBackend::new(&svg, size).into_drawing_area())?;
+        let tmp = temp_path(&svg);
+        let drawn = draw_svg(SVGBackend::new(&tmp, size).into_drawing_area());
+        into_place(drawn, &tmp, &svg)?;
         written.push(png);
         written.push(svg);
         Ok(())

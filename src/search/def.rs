@@ -27,6 +27,7 @@
 //! dtype = "f32"                # lm: the forward's compute dtype, "f32" | "bf16" | "f16"
 //! batch_size = 32              # lm: sequences per forward call
 //! max_length = 64              # lm: longest sequence; default max_position_embeddings
+//! subsample = 0.125            # lm: race in slices of 1/8 of each task's dev examples
 //!
 //! [optimizer]
 //! sigma0 = 0.2                 # in gene units (a PS gene's whole range is 1.0); (0, 10]
@@ -37,14 +38,21 @@
 //!
 //! [parallelism]
 //! slots = 2                    # candidates evaluated at once; 1..=1024
+//! launcher = "local"           # "local" | "slurm": a `command` evaluator's runs as Slurm jobs
+//! # Slurm only (crate::eval::slurm): partition = "gpu", gpus_per_task = 1, time = "01:00:00",
+//! # srun_args = ["--account=proj"]; needs evaluator.scratch_dir on a shared file system
 //! ```
 //!
 //! Every number must be finite and within the bounds of [`limits`]: `population` 2..=10 000,
 //! `generations` 1..=1 000 000, `max_evaluations` from one generation (the population, when
 //! set) to 10⁸, `sigma0` in (0, 10], `slots` 1..=1024, DFS `repeats` 1..=16, `scale_range`
 //! within [−100, 100], `ranges` / `defaults` / `indicator_threshold` finite, `batch_size`
-//! 1..=65 536, `max_length` 1..=2²⁰, and the command evaluator's `timeout_s` in (0, 30 days]
-//! ([`crate::eval::command::MAX_TIMEOUT_S`]). Anything else is refused when the file is read,
+//! 1..=65 536, `max_length` 1..=2²⁰, `subsample` in (0, 1) (`lm` only), and the command
+//! evaluator's `timeout_s` in (0, 30 days]
+//! ([`crate::eval::command::MAX_TIMEOUT_S`]); with `launcher = "slurm"` (a `command` evaluator
+//! with `scratch_dir` only), `time` in Slurm's formats up to 365 days, `gpus_per_task`
+//! 1..=1024, a partition name without spaces, no job name in `srun_args`; the Slurm keys
+//! without `launcher = "slurm"` are refused. Anything else is refused when the file is read,
 //! with the key and its line ([`SearchDef::validate_in`]).
 //!
 //! A DFS space (`kind = "dfs"`) takes `repeats` (r), `scale_range` (the scaling matrix's range),
@@ -275,6 +283,16 @@ pub enum EvaluatorDef {
         max_length: Option<usize>,
         #[serde(default = "dev")]
         fitness_split: Split,
+        /// Racing: score each candidate a slice of this share of every task's dev examples at
+        /// a time and stop once it cannot reach the previous generation's μ-th best
+        /// ([`crate::eval::subsample`]); `(0, 1)`. Default: every example.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subsample: Option<f64>,
+        /// With `subsample`: also stop on a statistical bound ([`crate::eval::subsample`]), at
+        /// most `1 − confidence` likely to stop a candidate that would reach the bar; `(0, 1)`.
+        /// Default: only the exact bound.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subsample_confidence: Option<f64>,
     },
     /// An external command (see [`crate::eval::command`] for the protocol and the keys).
     Command {
@@ -282,6 +300,12 @@ pub enum EvaluatorDef {
         spec: CommandSpec,
         #[serde(default = "dev")]
         fitness_split: Split,
+        /// Refused (read only to say so): a command scores a candidate in one run.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subsample: Option<f64>,
+        /// Refused, as `subsample`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subsample_confidence: Option<f64>,
     },
 }
 
@@ -307,6 +331,40 @@ impl EvaluatorDef {
             EvaluatorDef::Lm { fitness_split, .. }
             | EvaluatorDef::Command { fitness_split, .. } => *fitness_split,
         }
+    }
+
+    /// `subsample`: the share of each task's dev examples per racing slice, if racing.
+    pub fn subsample(&self) -> Option<f64> {
+        match self {
+            EvaluatorDef::Lm { subsample, .. } | EvaluatorDef::Command { subsample, .. } => {
+                *subsample
+            }
+        }
+    }
+
+    /// `subsample_confidence`, if set.
+    pub fn subsample_confidence(&self) -> Option<f64> {
+        match self {
+            EvaluatorDef::Lm {
+                subsample_confidence,
+                ..
+            }
+            | EvaluatorDef::Command {
+                subsample_confidence,
+                ..
+            } => *subsample_confidence,
+        }
+    }
+
+    /// The race each evaluation runs (its bar set per generation by the search), when
+    /// `subsample` is set.
+    pub fn race(&self) -> Option<crate::eval::subsample::Race> {
+        self.subsample()
+            .map(|fraction| crate::eval::subsample::Race {
+                fraction,
+                bound: None,
+                confidence: self.subsample_confidence(),
+            })
     }
 }
 
@@ -351,17 +409,69 @@ fn one() -> usize {
     1
 }
 
-/// How many candidates are evaluated at once.
+/// Where a `command` evaluator's programs run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Launcher {
+    /// A child process of evomerge (the default).
+    #[default]
+    Local,
+    /// A Slurm job per evaluation (`srun`; see [`crate::eval::slurm`]).
+    Slurm,
+}
+
+impl Launcher {
+    fn is_local(&self) -> bool {
+        *self == Launcher::Local
+    }
+}
+
+/// How many candidates are evaluated at once, and where (`launcher` and its Slurm keys:
+/// [`crate::eval::slurm`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelismDef {
     #[serde(default = "one")]
     pub slots: usize,
+    /// `local` (default) or `slurm` (a `command` evaluator only).
+    #[serde(default, skip_serializing_if = "Launcher::is_local")]
+    pub launcher: Launcher,
+    /// Slurm: `srun --partition`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    /// Slurm: `srun --gpus-per-task`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus_per_task: Option<u32>,
+    /// Slurm: `srun --time` (default: the evaluator's `timeout_s` in whole minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// Slurm: further `srun` arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub srun_args: Vec<String>,
 }
 
 impl Default for ParallelismDef {
     fn default() -> Self {
-        ParallelismDef { slots: 1 }
+        ParallelismDef {
+            slots: 1,
+            launcher: Launcher::Local,
+            partition: None,
+            gpus_per_task: None,
+            time: None,
+            srun_args: Vec::new(),
+        }
+    }
+}
+
+impl ParallelismDef {
+    /// The Slurm options when `launcher = "slurm"`.
+    pub fn slurm(&self) -> Option<crate::eval::slurm::SlurmOptions> {
+        (self.launcher == Launcher::Slurm).then(|| crate::eval::slurm::SlurmOptions {
+            partition: self.partition.clone(),
+            gpus_per_task: self.gpus_per_task,
+            time: self.time.clone(),
+            srun_args: self.srun_args.clone(),
+        })
     }
 }
 
@@ -613,6 +723,73 @@ impl SearchDef {
                     limits::SLOTS
                 ),
             ));
+        }
+        let par = &self.parallelism;
+        match par.slurm() {
+            None => {
+                let set = [
+                    ("partition", par.partition.is_some()),
+                    ("gpus_per_task", par.gpus_per_task.is_some()),
+                    ("time", par.time.is_some()),
+                    ("srun_args", !par.srun_args.is_empty()),
+                ];
+                if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+                    return Err(bad(
+                        &format!("parallelism.{key}"),
+                        format!(
+                            "parallelism.{key} is a Slurm setting: it needs \
+                             parallelism.launcher = \"slurm\""
+                        ),
+                    ));
+                }
+            }
+            Some(slurm) => {
+                slurm.check().map_err(|(key, msg)| {
+                    bad(&format!("parallelism.{key}"), format!("parallelism.{msg}"))
+                })?;
+                match &self.evaluator {
+                    EvaluatorDef::Lm { .. } => {
+                        return Err(bad(
+                            "parallelism.launcher",
+                            "parallelism.launcher = \"slurm\" runs `command` evaluators as \
+                             Slurm jobs; an `lm` evaluator runs inside evomerge"
+                                .into(),
+                        ));
+                    }
+                    EvaluatorDef::Command { spec, .. } if spec.scratch_dir.is_none() => {
+                        return Err(bad(
+                            "parallelism.launcher",
+                            "parallelism.launcher = \"slurm\" needs evaluator.scratch_dir: a \
+                             directory every node shares (jobs read the candidate there)"
+                                .into(),
+                        ));
+                    }
+                    EvaluatorDef::Command { .. } => {}
+                }
+            }
+        }
+        if let Some(f) = self.evaluator.subsample() {
+            if let EvaluatorDef::Command { .. } = self.evaluator {
+                return Err(bad(
+                    "evaluator.subsample",
+                    "evaluator.subsample needs kind = \"lm\": a `command` evaluator scores a \
+                     candidate in one run of its program, which cannot be stopped part way"
+                        .into(),
+                ));
+            }
+            crate::eval::subsample::check_fraction(f)
+                .map_err(|e| bad("evaluator.subsample", format!("evaluator.subsample = {e}")))?;
+        }
+        if let Some(c) = self.evaluator.subsample_confidence() {
+            let key = "evaluator.subsample_confidence";
+            if self.evaluator.subsample().is_none() {
+                return Err(bad(
+                    key,
+                    format!("{key} bounds the race of evaluator.subsample, which is not set"),
+                ));
+            }
+            crate::eval::subsample::check_confidence(c)
+                .map_err(|e| bad(key, format!("{key} = {e}")))?;
         }
         match &self.evaluator {
             EvaluatorDef::Lm {

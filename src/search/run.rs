@@ -39,6 +39,8 @@
 //! | file | what |
 //! |---|---|
 //! | `search.toml` | the definition with resolved paths (what [`resume`] re-reads) |
+//! | `.lock` | the lock a running search or resume holds ([`RunLock`]), with its pid |
+//! | `space.json` | the space's genes and groups (what the plots label them by) |
 //! | `history.jsonl`, `generations.csv` | see [`crate::search::history`] |
 //! | `best_genome.json` | the best record (genome, recipe, dev metrics) |
 //! | `best_recipe.yaml` | PS: the best recipe as mergekit YAML (runnable by `evomerge merge` and mergekit) |
@@ -52,6 +54,33 @@
 //! card (`model/README.md`) are relative to the file's own directory (a cached hub model: its
 //! id), so an output directory moved together with its inputs still merges and can be shared;
 //! `search.toml` and `history.jsonl` keep the absolute paths the run used.
+//!
+//! # Crash safety
+//!
+//! A run directory survives a kill at any moment (SIGKILL included) and resumes to the result
+//! an uninterrupted run gives, bit for bit (`tests/overnight.rs` kills `search` and `resume` at
+//! random moments to check it):
+//!
+//! - `history.jsonl` is only appended to; a torn last line is ignored and cut off
+//!   ([`crate::search::history`]). Every other file (`search.toml`, `space.json`,
+//!   `generations.csv`, the best files, the report, the plots) is replaced atomically, through
+//!   a temporary beside it ([`crate::store::writer::write_atomic`]); `model/` is merged into a
+//!   temporary directory renamed into place. Temporaries a killed run left are removed when the
+//!   next run starts ([`crate::store::writer::remove_stale_temps`]).
+//! - [`run_search`], [`resume`] and [`Search::run`] hold the directory's [`RunLock`] while they
+//!   run: a second search or resume of it refuses at once, naming the holder's pid.
+//! - Floats read back exactly (serde_json's `float_roundtrip`), so a resumed CMA-ES is told the
+//!   very values the original run was.
+//!
+//! # Progress
+//!
+//! With [`RunOptions::progress`] (not `--quiet`), a terminal gets a bar (evaluations, best so
+//! far, seconds per evaluation, ETA); when stderr is not a terminal (nohup, Slurm, a pipe),
+//! each finished generation prints one line: `NAME: generation 3 · evaluations 32/80 ·
+//! failures 1 · best 0.7083 · mean 0.6021 · sigma 0.2412 · elapsed 12.3s · ETA 28.1s` (best so
+//! far, the generation's mean; `· replayed` when answered from the history). The ETA is the
+//! evaluations left of the budget at the wall time per evaluation of the generations this
+//! process evaluated.
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -69,6 +98,7 @@ use crate::search::def::{EvaluatorDef, SearchDef, SpaceDef};
 use crate::search::history::{self, GenerationRow, GenerationsCsv, HistoryWriter, Record, Replay};
 use crate::search::optimizer::{Objective, Optimizer, OptimizerConfig};
 use crate::search::space::{Decoded, DfsSpace, PsModels, PsSpace, Space};
+use crate::store::writer::write_atomic;
 use crate::store::{ModelSet, TensorSource};
 
 /// The fitness a failed evaluation counts as (finite, so CMA-ES keeps running; it ranks below
@@ -131,7 +161,8 @@ pub struct RouteFile {
 /// search definition).
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// Show a progress bar.
+    /// Show progress on stderr: a bar with an ETA on a terminal, else one line per generation
+    /// (nohup, Slurm, a pipe).
     pub progress: bool,
     /// Write the best PS recipe to `model/` at the end.
     pub write_model: bool,
@@ -265,6 +296,77 @@ fn every_evaluation_failed(all: &[Record]) -> String {
 /// The folder of a PS+DFS search's output directory that holds its PS run.
 pub const PS_RUN_DIR: &str = "ps";
 
+/// The definition a run writes into its output directory (what [`resume`] re-reads).
+pub const SEARCH_FILE: &str = "search.toml";
+
+/// The lock file of an output directory ([`RunLock`]).
+pub const LOCK_FILE: &str = ".lock";
+
+/// The exclusive lock a search or resume holds on its output directory while it runs, so two
+/// processes never interleave one history. It is an advisory lock (`flock(2)` on Unix) on
+/// `<out>/.lock`, which also holds the holder's pid; the kernel releases it when the holder
+/// ends in any way (SIGKILL included), so a lock is never stale: the file left behind by a
+/// killed run means nothing. Dropping the guard releases it.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    /// Take the lock of `out_dir` (which must exist), or refuse at once with an error naming
+    /// the pid of the process that holds it.
+    pub fn acquire(out_dir: &Path) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        let path = out_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                // The holder writes its pid right after locking: until then the file is
+                // empty or names an earlier, dead holder. Give it a moment.
+                let mut holder = None;
+                for _ in 0..50 {
+                    let mut text = String::new();
+                    let _ = file.rewind();
+                    let _ = file.read_to_string(&mut text);
+                    holder = text
+                        .strip_suffix('\n')
+                        .and_then(|t| t.parse::<u32>().ok())
+                        .filter(|&pid| crate::store::writer::pid_alive(pid));
+                    if holder.is_some() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                let who = match holder {
+                    Some(pid) => format!("another process (pid {pid})"),
+                    None => "another process".to_string(),
+                };
+                return Err(Error::Search(format!(
+                    "{dir} is in use: {who} is running a search or resume in it (it holds the \
+                     lock {lock}); a second one would interleave its history. Wait for it to \
+                     end, or stop it, then `evomerge resume {dir}`",
+                    dir = out_dir.display(),
+                    lock = path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        let pid = format!("{}\n", std::process::id());
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(pid.as_bytes()))
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(RunLock { _file: file })
+    }
+}
+
 /// The best recipe of a PS+DFS search's PS stage, run first if needed. Nothing is written
 /// outside the PS+DFS search's output directory `<out>` ([`SearchDef::output_dir`]; `--out`):
 ///
@@ -299,8 +401,7 @@ pub fn ps_run(def: &SearchDef, ps_def: &SearchDef, options: &RunOptions) -> Resu
     {
         let recipe = crate::recipe::Recipe::from_path(&theirs)?;
         std::fs::create_dir_all(&own).map_err(|e| Error::io(&own, e))?;
-        std::fs::write(&recipe_path, recipe.relative_to(&own).to_yaml())
-            .map_err(|e| Error::io(&recipe_path, e))?;
+        write_atomic(&recipe_path, recipe.relative_to(&own).to_yaml().as_bytes())?;
         eprintln!(
             "PS+DFS: reusing the finished PS run of {} ({}), copied to {}",
             ps_def.name,
@@ -394,6 +495,15 @@ impl Evaluator for PerSlot {
     ) -> std::result::Result<crate::eval::Score, crate::eval::EvalError> {
         self.current().evaluate(candidate, split)
     }
+
+    fn evaluate_subsampled(
+        &self,
+        candidate: &Candidate,
+        split: Split,
+        race: &crate::eval::subsample::Race,
+    ) -> Option<std::result::Result<crate::eval::subsample::Raced, crate::eval::EvalError>> {
+        self.current().evaluate_subsampled(candidate, split, race)
+    }
 }
 
 /// Build the evaluator a definition names. For `lm`: the tokenizer of the base (or first)
@@ -450,7 +560,10 @@ pub fn build_evaluator(def: &SearchDef) -> Result<Arc<dyn Evaluator>> {
             Ok(Arc::new(PerSlot::try_new(evaluators)?))
         }
         EvaluatorDef::Command { spec, .. } => Ok(Arc::new(
-            crate::eval::command::CommandEvaluator::try_new(spec.clone())?,
+            crate::eval::command::CommandEvaluator::try_with_launcher(
+                spec.clone(),
+                def.parallelism.slurm(),
+            )?,
         )),
     }
 }
@@ -628,13 +741,23 @@ impl Search {
         }
     }
 
-    /// Run (or, with a history present, continue) the search into `out_dir`.
+    /// Run (or, with a history present, continue) the search into `out_dir`, holding its lock
+    /// ([`RunLock`]) throughout.
     pub fn run(&self, out_dir: &Path, options: &RunOptions) -> Result<RunSummary> {
         std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-        let def_path = out_dir.join("search.toml");
+        let _lock = RunLock::acquire(out_dir)?;
+        self.run_locked(out_dir, options)
+    }
+
+    /// [`Search::run`] with `out_dir`'s lock already held by the caller.
+    fn run_locked(&self, out_dir: &Path, options: &RunOptions) -> Result<RunSummary> {
+        // Temporaries of a killed earlier run (an atomic write, the merge of `model/`).
+        crate::store::writer::remove_stale_temps(out_dir);
+        crate::store::writer::remove_stale_temps(&out_dir.join("plots"));
+        let def_path = out_dir.join(SEARCH_FILE);
         let def_text = toml::to_string(&self.def)
-            .map_err(|e| Error::Search(format!("cannot write search.toml: {e}")))?;
-        std::fs::write(&def_path, def_text).map_err(|e| Error::io(&def_path, e))?;
+            .map_err(|e| Error::Search(format!("cannot write {}: {e}", def_path.display())))?;
+        write_atomic(&def_path, def_text.as_bytes())?;
 
         let names: Vec<String> = match &self.space {
             Space::Ps(_) => self.def.models.iter().map(|p| display_name(p)).collect(),
@@ -643,7 +766,7 @@ impl Search {
         let space_path = out_dir.join("space.json");
         let space_text = serde_json::to_string_pretty(&self.space.describe(names))
             .map_err(|e| Error::Search(format!("cannot encode space.json: {e}")))?;
-        std::fs::write(&space_path, space_text).map_err(|e| Error::io(&space_path, e))?;
+        write_atomic(&space_path, space_text.as_bytes())?;
 
         let replay = Replay::new(history::load(out_dir)?);
         let replayed_available = replay.len();
@@ -663,7 +786,12 @@ impl Search {
             records: Mutex::new(Vec::new()),
             counters: Mutex::new(Counters::default()),
             write_error: Mutex::new(None),
+            race: self.def.evaluator.race(),
+            bound: Mutex::new(None),
         });
+        // Slot utilisation of generations a resume answers wholly from the history: as the
+        // run that evaluated them measured it (unreadable: unknown).
+        let old_rows = history::load_generations(out_dir).unwrap_or_default();
         let mut csv = GenerationsCsv::create(out_dir)?;
         let o = &self.def.optimizer;
         let cfg = OptimizerConfig {
@@ -685,17 +813,24 @@ impl Search {
             Box::new(move |rng| space.random_genome(rng)),
         )?;
 
-        let bar = progress_bar(options.progress, opt.budget_evals());
+        let mut progress = Progress::new(options.progress, opt.budget_evals(), &self.def.name);
         let start = Instant::now();
         let mut all: Vec<Record> = Vec::new();
         let mut generations = 0;
         let mut interrupted = false;
+        // (run, bar) from the last finished generation: the bar holds within its CMA-ES run.
+        let mut last_bar: Option<(usize, Option<f64>)> = None;
         loop {
             let (run, generation) = opt.next_generation();
             ctx.run.store(run, Ordering::SeqCst);
             ctx.generation.store(generation, Ordering::SeqCst);
             ctx.index.store(0, Ordering::SeqCst);
+            *ctx.bound.lock().unwrap_or_else(|p| p.into_inner()) =
+                last_bar.filter(|(r, _)| *r == run).and_then(|(_, b)| b);
+            let before = *ctx.counters.lock().unwrap_or_else(|p| p.into_inner());
+            let generation_start = Instant::now();
             let Some(info) = opt.step()? else { break };
+            let wall = generation_start.elapsed().as_secs_f64();
             if let Some(e) = ctx
                 .write_error
                 .lock()
@@ -713,35 +848,37 @@ impl Search {
             // A fixed order (by genome bits), so the generation's mean is summed the same way
             // whatever order parallel evaluations finished in.
             records.sort_by_cached_key(|r| history::key(r.generation, &r.genome));
-            csv.write(&GenerationRow::from_records(
+            last_bar = Some((
+                info.run,
+                crate::eval::subsample::generation_bound(records.iter().map(|r| r.fitness)),
+            ));
+            let c = *ctx.counters.lock().unwrap_or_else(|p| p.into_inner());
+            let fresh = c.evaluated - before.evaluated;
+            let mut row = GenerationRow::from_records(
                 info.generation,
                 info.run,
                 info.evals,
                 info.sigma,
                 &records,
-            ))?;
+            )
+            .with_utilisation(
+                c.eval_seconds - before.eval_seconds,
+                self.def.parallelism.slots,
+                wall,
+            );
+            if fresh == 0 {
+                row.utilisation = old_rows
+                    .iter()
+                    .find(|r| r.generation == info.generation && r.run == info.run)
+                    .and_then(|r| r.utilisation);
+            }
+            csv.write(&row)?;
             all.extend(records);
             generations += 1;
-            let c = *ctx.counters.lock().unwrap_or_else(|p| p.into_inner());
             let best = history::best(&all).and_then(|r| r.fitness);
-            bar.set_position(info.evals as u64);
-            bar.set_message(format!(
-                "gen {} · best {} · {:.2} s/eval{}",
-                info.generation,
-                best.map_or("–".into(), |b| format!("{b:.4}")),
-                if c.evaluated > 0 {
-                    c.eval_seconds / c.evaluated as f64
-                } else {
-                    0.0
-                },
-                if c.replayed > 0 {
-                    format!(" · {} replayed", c.replayed)
-                } else {
-                    String::new()
-                },
-            ));
+            progress.generation(&row, best, fresh, wall, &c);
         }
-        bar.finish_and_clear();
+        progress.finish();
         let loop_seconds = start.elapsed().as_secs_f64();
         let c = *ctx.counters.lock().unwrap_or_else(|p| p.into_inner());
         let _ = replayed_available;
@@ -790,10 +927,7 @@ impl Search {
         options: &RunOptions,
         summary: &mut RunSummary,
     ) -> Result<()> {
-        let write = |name: &str, text: &str| -> Result<()> {
-            let p = out_dir.join(name);
-            std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
-        };
+        let write = |name: &str, text: &str| write_atomic(&out_dir.join(name), text.as_bytes());
         // Model paths in what is written here are relative to the file's directory (hub ids
         // as such), so the output directory can be moved together with its inputs and shared.
         let out_abs = std::fs::canonicalize(out_dir).map_err(|e| Error::io(out_dir, e))?;
@@ -921,21 +1055,177 @@ fn display_name(p: &Path) -> String {
         .unwrap_or_else(|| p.display().to_string())
 }
 
-fn progress_bar(show: bool, len: Option<usize>) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
+/// A run's progress on stderr: a bar on a terminal; one line per generation when stderr is not
+/// a terminal (nohup, Slurm, a pipe: [`progress_line`]); nothing when [`RunOptions::progress`]
+/// is off (`--quiet`). Both show an ETA ([`eta_seconds`]).
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    lines: bool,
+    name: String,
+    budget: Option<usize>,
+    start: Instant,
+    /// Wall time of the generations that evaluated something in this process, and how many
+    /// evaluations they ran (replayed generations take no time and would flatter the ETA).
+    fresh_wall: f64,
+    fresh_evals: usize,
+    failures: usize,
+}
+
+impl Progress {
+    fn new(show: bool, budget: Option<usize>, name: &str) -> Progress {
+        use std::io::IsTerminal;
+        let terminal = std::io::stderr().is_terminal();
+        let bar = (show && terminal).then(|| {
+            let bar = match budget {
+                Some(n) => indicatif::ProgressBar::new(n as u64),
+                None => indicatif::ProgressBar::no_length(),
+            };
+            let style = indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} evals · {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar
+        });
+        Progress {
+            bar,
+            lines: show && !terminal,
+            name: name.to_string(),
+            budget,
+            start: Instant::now(),
+            fresh_wall: 0.0,
+            fresh_evals: 0,
+            failures: 0,
+        }
     }
-    let bar = match len {
-        Some(n) => indicatif::ProgressBar::new(n as u64),
-        None => indicatif::ProgressBar::no_length(),
+
+    /// A generation finished: `fresh` of its evaluations ran now, in `wall` seconds.
+    fn generation(
+        &mut self,
+        row: &GenerationRow,
+        best: Option<f64>,
+        fresh: usize,
+        wall: f64,
+        c: &Counters,
+    ) {
+        self.failures += row.failures;
+        if fresh > 0 {
+            self.fresh_wall += wall;
+            self.fresh_evals += fresh;
+        }
+        let eta = eta_seconds(self.budget, row.evals, self.fresh_wall, self.fresh_evals);
+        if let Some(bar) = &self.bar {
+            bar.set_position(row.evals as u64);
+            bar.set_message(format!(
+                "gen {} · best {} · {:.2} s/eval · ETA {}{}",
+                row.generation,
+                best.map_or("–".into(), |b| format!("{b:.4}")),
+                if c.evaluated > 0 {
+                    c.eval_seconds / c.evaluated as f64
+                } else {
+                    0.0
+                },
+                eta.map_or("–".into(), duration),
+                if c.replayed > 0 {
+                    format!(" · {} replayed", c.replayed)
+                } else {
+                    String::new()
+                },
+            ));
+        }
+        if self.lines {
+            eprintln!(
+                "{}",
+                progress_line(&ProgressLine {
+                    search: &self.name,
+                    row,
+                    budget: self.budget,
+                    failures: self.failures,
+                    best,
+                    elapsed: self.start.elapsed().as_secs_f64(),
+                    eta,
+                    replayed: fresh == 0,
+                })
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// What one progress line shows ([`progress_line`]).
+struct ProgressLine<'a> {
+    search: &'a str,
+    row: &'a GenerationRow,
+    budget: Option<usize>,
+    /// Failed evaluations so far (replayed ones included).
+    failures: usize,
+    /// The best fitness so far.
+    best: Option<f64>,
+    elapsed: f64,
+    eta: Option<f64>,
+    /// The generation was answered wholly from the history.
+    replayed: bool,
+}
+
+/// One generation as a line of text, e.g. `toy-ps: generation 3 · evaluations 32/80 ·
+/// failures 1 · best 0.7083 · mean 0.6021 · sigma 0.2412 · elapsed 12.3s · ETA 28.1s`
+/// (generation numbers as in `generations.csv`; `best` is the best so far, `mean` the
+/// generation's; `–` where unknown).
+fn progress_line(p: &ProgressLine) -> String {
+    let num = |v: Option<f64>| match v {
+        Some(v) if v.is_finite() => format!("{v:.4}"),
+        _ => "–".to_string(),
     };
-    let style = indicatif::ProgressStyle::with_template(
-        "{elapsed_precise} [{bar:30}] {pos}/{len} evals · {msg}",
+    format!(
+        "{}: generation {} · evaluations {}{} · failures {} · best {} · mean {} · sigma {} · \
+         elapsed {} · ETA {}{}",
+        p.search,
+        p.row.generation,
+        p.row.evals,
+        p.budget.map_or(String::new(), |b| format!("/{b}")),
+        p.failures,
+        num(p.best),
+        num(Some(p.row.mean)),
+        num(Some(p.row.sigma)),
+        duration(p.elapsed),
+        p.eta.map_or("–".to_string(), duration),
+        if p.replayed { " · replayed" } else { "" },
     )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    bar.set_style(style);
-    bar
+}
+
+/// Seconds left: the evaluations left of the budget at the wall time per evaluation of this
+/// process's evaluated generations; `None` with no budget or nothing evaluated yet.
+fn eta_seconds(
+    budget: Option<usize>,
+    evals: usize,
+    fresh_wall: f64,
+    fresh_evals: usize,
+) -> Option<f64> {
+    let left = budget?.saturating_sub(evals);
+    if left == 0 {
+        return Some(0.0);
+    }
+    (fresh_evals > 0).then(|| left as f64 * fresh_wall / fresh_evals as f64)
+}
+
+/// `42.0s`, `12m05s`, `3h07m`.
+fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0);
+    if s < 60.0 {
+        format!("{s:.1}s")
+    } else if s < 3600.0 {
+        let s = s.round() as u64;
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        let m = (s / 60.0).round() as u64;
+        format!("{}h{:02}m", m / 60, m % 60)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -962,6 +1252,10 @@ struct Ctx {
     records: Mutex<Vec<Record>>,
     counters: Mutex<Counters>,
     write_error: Mutex<Option<Error>>,
+    /// `[evaluator] subsample`'s race and the bar of the generation in flight
+    /// ([`crate::eval::subsample`]: the previous generation's μ-th best, `None` in a run's first).
+    race: Option<crate::eval::subsample::Race>,
+    bound: Mutex<Option<f64>>,
 }
 
 fn objective_value(r: &Record) -> f64 {
@@ -1014,10 +1308,17 @@ impl Ctx {
                     .builder
                     .build(&decoded)
                     .map_err(|e| format!("building the candidate: {e}"))?;
-                let score = self
-                    .evaluator
-                    .evaluate(&candidate, self.split)
-                    .map_err(|e| e.to_string())?;
+                let race = self.race.map(|r| crate::eval::subsample::Race {
+                    bound: *self.bound.lock().unwrap_or_else(|p| p.into_inner()),
+                    ..r
+                });
+                let score = crate::eval::subsample::evaluate(
+                    self.evaluator.as_ref(),
+                    &candidate,
+                    self.split,
+                    race,
+                )
+                .map_err(|e| e.to_string())?;
                 if !score.primary.is_finite() {
                     return Err(format!("the fitness is not finite ({})", score.primary));
                 }
@@ -1069,6 +1370,8 @@ impl Ctx {
 
 /// Run `def` into `out_dir` (which must not hold a history yet; use [`resume`] for that).
 pub fn run_search(def: &SearchDef, out_dir: &Path, options: &RunOptions) -> Result<RunSummary> {
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    let lock = RunLock::acquire(out_dir)?;
     if out_dir.join(history::HISTORY_FILE).exists() {
         return Err(Error::Search(format!(
             "{} already holds a search history: resume it with `evomerge resume {}`, or choose \
@@ -1078,7 +1381,9 @@ pub fn run_search(def: &SearchDef, out_dir: &Path, options: &RunOptions) -> Resu
         )));
     }
     let def = with_out(with_device(def, options)?, out_dir);
-    Search::prepare(&def, options)?.run(out_dir, options)
+    let summary = Search::prepare(&def, options)?.run_locked(out_dir, options);
+    drop(lock);
+    summary
 }
 
 /// `def` writing into `out_dir` (where a PS+DFS search keeps its PS run, [`ps_run`]).
@@ -1105,13 +1410,20 @@ pub fn resume(out_dir: &Path) -> Result<RunSummary> {
 
 /// [`resume`] with options.
 pub fn resume_with(out_dir: &Path, options: &RunOptions) -> Result<RunSummary> {
+    // Locked before anything is read, so a second resume refuses at once (also while a search
+    // there has not written its definition yet); a directory no run has used gets no lock file
+    // (load_saved_def says what is missing).
+    let used = out_dir.join(SEARCH_FILE).is_file() || out_dir.join(LOCK_FILE).is_file();
+    let lock = used.then(|| RunLock::acquire(out_dir)).transpose()?;
     let def = with_out(with_device(&load_saved_def(out_dir)?, options)?, out_dir);
-    Search::prepare(&def, options)?.run(out_dir, options)
+    let summary = Search::prepare(&def, options)?.run_locked(out_dir, options);
+    drop(lock);
+    summary
 }
 
 /// The definition saved in `out_dir/search.toml` (paths already resolved).
 pub fn load_saved_def(out_dir: &Path) -> Result<SearchDef> {
-    let path: PathBuf = out_dir.join("search.toml");
+    let path: PathBuf = out_dir.join(SEARCH_FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let def: SearchDef = toml::from_str(&text).map_err(|e| Error::Config {
         path: path.clone(),
@@ -1119,4 +1431,87 @@ pub fn load_saved_def(out_dir: &Path) -> Result<SearchDef> {
     })?;
     def.validate_in(&text, &path)?;
     Ok(def)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_carry_every_field_and_an_eta() {
+        let row = GenerationRow {
+            generation: 3,
+            run: 0,
+            evals: 32,
+            best: 0.71,
+            mean: 0.602083,
+            worst: 0.5,
+            sigma: 0.24125,
+            failures: 1,
+            utilisation: Some(0.9),
+        };
+        // 24 evaluations ran in 12 s: 48 left take 24 s.
+        let eta = eta_seconds(Some(80), 32, 12.0, 24);
+        assert_eq!(eta, Some(24.0));
+        let line = progress_line(&ProgressLine {
+            search: "toy-ps",
+            row: &row,
+            budget: Some(80),
+            failures: 2,
+            best: Some(0.7083333),
+            elapsed: 12.34,
+            eta,
+            replayed: false,
+        });
+        assert_eq!(
+            line,
+            "toy-ps: generation 3 · evaluations 32/80 · failures 2 · best 0.7083 · mean 0.6021 \
+             · sigma 0.2412 · elapsed 12.3s · ETA 24.0s"
+        );
+        let all_failed = GenerationRow {
+            mean: f64::NAN,
+            ..row.clone()
+        };
+        let line = progress_line(&ProgressLine {
+            search: "s",
+            row: &all_failed,
+            budget: None,
+            failures: 8,
+            best: None,
+            elapsed: 4000.0,
+            eta: eta_seconds(None, 32, 12.0, 24),
+            replayed: true,
+        });
+        assert_eq!(
+            line,
+            "s: generation 3 · evaluations 32 · failures 8 · best – · mean – · sigma 0.2412 · \
+             elapsed 1h07m · ETA – · replayed"
+        );
+        // nothing evaluated yet (all replayed): unknown; the budget spent: none left
+        assert_eq!(eta_seconds(Some(80), 32, 0.0, 0), None);
+        assert_eq!(eta_seconds(Some(80), 80, 0.0, 0), Some(0.0));
+        assert_eq!(duration(725.4), "12m05s");
+        assert_eq!(duration(59.94), "59.9s");
+    }
+
+    #[test]
+    fn a_second_lock_on_a_run_directory_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = RunLock::acquire(dir.path()).unwrap();
+        let lock = dir.path().join(LOCK_FILE);
+        assert_eq!(
+            std::fs::read_to_string(&lock).unwrap(),
+            format!("{}\n", std::process::id())
+        );
+        let err = RunLock::acquire(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("(pid {})", std::process::id())) && err.contains("in use"),
+            "{err}"
+        );
+        drop(held);
+        // released with its holder; the file left behind means nothing
+        let again = RunLock::acquire(dir.path()).unwrap();
+        drop(again);
+        assert!(lock.exists());
+    }
 }

@@ -6,9 +6,20 @@
 //! encodes one tensor and writes it at its offset (`pwrite`), from any thread, in any order —
 //! peak memory is the tensors in flight. [`ModelWriter::finish`] checks completeness, adds
 //! the index (when sharded), config.json, donor tokenizer/generation files and README.md, and
-//! renames the temporary directory (`.NAME.tmp-PID-N` beside the target) into place. Dropping an
-//! unfinished writer removes the temporary directory, so a failed merge leaves nothing under the
-//! target name.
+//! renames the temporary directory (named by [`temp_path`] beside the target) into place.
+//! Dropping an unfinished writer removes the temporary directory, so a failed merge leaves
+//! nothing under the target name.
+//!
+//! **Temporary names and crash safety.** Everything evomerge writes under a final name goes
+//! through a temporary name beside it first: [`temp_path`] gives
+//! `.evomerge-tmp.PID.N.HOST.NAME` (the writing process's pid and short host name, a counter,
+//! the final name last so the extension is kept). [`write_atomic`] writes a file that way
+//! (temp, fsync, rename), so a reader, or a process killed at any moment, only ever sees the
+//! old file or the complete new one. A process killed with SIGKILL cannot remove its
+//! temporaries; [`remove_stale_temps`] removes the ones of a directory whose process is gone
+//! (same host, pid no longer running) and touches nothing else. [`ModelWriter::create`] runs it
+//! on the target's parent before every merge, and a search on its output directory when it
+//! starts.
 //!
 //! Files stay readable by the reference safetensors implementation: tensors are contiguous in
 //! the data region (no gaps), the header is padded with spaces so the data starts 8-byte
@@ -177,10 +188,12 @@ impl ModelWriter {
         let n_shards = shard_of.last().map_or(1, |s| s + 1);
         let names = shard_names(n_shards);
 
-        // Temporary directory: `.NAME.tmp-PID-N`, created exclusively.
+        // Temporaries of merges into this parent that were killed before they could remove
+        // their own.
+        remove_stale_temps(&parent);
+        // Temporary directory ([`temp_path`]), created exclusively.
         let tmp = loop {
-            let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-            let candidate = parent.join(format!(".{name}.tmp-{}-{n}", std::process::id()));
+            let candidate = temp_path(&parent.join(&name));
             match std::fs::create_dir(&candidate) {
                 Ok(()) => break candidate,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -418,6 +431,184 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
     std::fs::write(path, text).map_err(io(path))
 }
 
+/// The prefix of every temporary name ([`temp_path`]).
+pub const TEMP_PREFIX: &str = ".evomerge-tmp.";
+
+/// This machine's short host name (up to the first dot), reduced to `[A-Za-z0-9_-]`; `host`
+/// when it cannot be read. Part of temporary names, so a process on another node of a shared
+/// filesystem never takes a live temporary of ours for a stale one.
+fn host_name() -> &'static str {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let raw = read_host_name().unwrap_or_default();
+        let short: String = raw
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if short.is_empty() {
+            "host".to_string()
+        } else {
+            short
+        }
+    })
+}
+
+#[cfg(unix)]
+fn read_host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is a valid writable buffer of the length passed.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+#[cfg(not(unix))]
+fn read_host_name() -> Option<String> {
+    std::env::var("COMPUTERNAME").ok()
+}
+
+/// A fresh temporary name beside `target`: `.evomerge-tmp.PID.N.HOST.NAME` in the same
+/// directory (so a rename moves it into place), where `NAME` is the target's file name, `PID`
+/// this process and `N` a counter unique within it. Nothing is created.
+pub fn temp_path(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".to_string());
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let file = format!(
+        "{TEMP_PREFIX}{}.{n}.{}.{name}",
+        std::process::id(),
+        host_name()
+    );
+    match target.parent() {
+        Some(p) => p.join(file),
+        None => PathBuf::from(file),
+    }
+}
+
+/// The pid and host of a name made by [`temp_path`]; `None` for any other name.
+pub fn temp_owner(file_name: &str) -> Option<(u32, &str)> {
+    let rest = file_name.strip_prefix(TEMP_PREFIX)?;
+    let mut parts = rest.splitn(4, '.');
+    let pid = parts.next()?;
+    let n = parts.next()?;
+    let host = parts.next()?;
+    let name = parts.next()?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(pid) || !digits(n) || host.is_empty() || name.is_empty() {
+        return None;
+    }
+    Some((pid.parse().ok()?, host))
+}
+
+/// Whether process `pid` exists on this machine (`kill(pid, 0)`; a process of another user
+/// counts as existing). Off Unix every pid counts as existing, so nothing is ever taken for
+/// stale.
+pub fn pid_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        if pid <= 0 {
+            return true;
+        }
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let rc = unsafe { libc::kill(pid, 0) };
+        rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// Remove the temporaries in `dir` ([`temp_path`] names, files or directories) left by a
+/// process of this host that no longer runs (killed before it could rename or remove them).
+/// Anything else, and the temporaries of live processes or of other hosts, is left alone.
+/// Best effort: an unreadable directory or a failed removal is skipped. Returns the paths
+/// removed.
+pub fn remove_stale_temps(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((pid, host)) = temp_owner(name) else {
+            continue;
+        };
+        if host != host_name() || pid == std::process::id() || pid_alive(pid) {
+            continue;
+        }
+        let path = entry.path();
+        let gone = match entry.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            Ok(_) => std::fs::remove_file(&path),
+            Err(e) => Err(e),
+        };
+        if gone.is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// Write `bytes` to `path` atomically: into a [`temp_path`] beside it, fsync'ed, then renamed
+/// over `path` (and the directory fsync'ed, best effort). A reader, or a process killed at any
+/// moment, sees the old file or the complete new one, never a part. The temporary is removed
+/// if any step fails.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = temp_path(path);
+    let written = (|| -> std::io::Result<()> {
+        let mut f = File::create_new(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    sync_dir(path.parent());
+    Ok(())
+}
+
+/// fsync a directory, so a rename in it is durable (Unix; best effort).
+fn sync_dir(dir: Option<&Path>) {
+    #[cfg(unix)]
+    {
+        let dir = match dir {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(f) = File::open(dir) {
+            let _ = f.sync_all();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
 /// The config.json for an output model: `donor_config` with the layer count (when given) and the
 /// dtype (`torch_dtype`, and `dtype` where present) updated. The layer-count key is whichever
 /// of `num_hidden_layers` / `n_layer` / `num_layers` / `n_layers` the donor uses
@@ -477,6 +668,95 @@ mod tests {
         assert_eq!(assign_shards(&ts, 1000), vec![0, 0, 0, 0]);
         assert_eq!(shard_names(1), vec!["model.safetensors"]);
         assert_eq!(shard_names(2)[1], "model-00002-of-00002.safetensors");
+    }
+
+    /// The pid of a process that has exited (and been reaped).
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn temp_names_carry_their_owner_and_keep_the_extension() {
+        let p = temp_path(Path::new("/x/plots/fitness.png"));
+        assert_eq!(p.parent(), Some(Path::new("/x/plots")));
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.starts_with(TEMP_PREFIX) && name.ends_with(".fitness.png"),
+            "{name}"
+        );
+        assert_eq!(p.extension().unwrap(), "png");
+        let (pid, host) = temp_owner(name).unwrap();
+        assert_eq!((pid, host), (std::process::id(), host_name()));
+        assert_ne!(temp_path(Path::new("a")), temp_path(Path::new("a")));
+        for other in [
+            ".model.tmp-12-0",
+            ".evomerge-tmp.x.0.h.model",
+            ".evomerge-tmp.12.0.h.",
+            ".evomerge-tmp.12.0",
+            "evomerge-tmp.12.0.h.model",
+        ] {
+            assert_eq!(temp_owner(other), None, "{other}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn stale_temps_of_dead_processes_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let dead = dead_pid();
+        assert!(!pid_alive(dead));
+        assert!(pid_alive(std::process::id()) && pid_alive(1));
+        let host = host_name();
+        let stale_dir = d.join(format!("{TEMP_PREFIX}{dead}.0.{host}.model"));
+        let stale_file = d.join(format!("{TEMP_PREFIX}{dead}.1.{host}.search.toml"));
+        let live = d.join(format!("{TEMP_PREFIX}1.0.{host}.model"));
+        let mine = temp_path(&d.join("model"));
+        let elsewhere = d.join(format!("{TEMP_PREFIX}{dead}.0.{host}x.model"));
+        let foreign = d.join(format!(".model.tmp-{dead}-0"));
+        for p in [&stale_dir, &live, &mine, &elsewhere, &foreign] {
+            std::fs::create_dir(p).unwrap();
+            std::fs::write(p.join("f"), b"x").unwrap();
+        }
+        std::fs::write(&stale_file, b"half").unwrap();
+        let mut removed = remove_stale_temps(d);
+        removed.sort();
+        let mut want = vec![stale_dir.clone(), stale_file.clone()];
+        want.sort();
+        assert_eq!(removed, want);
+        for p in [&live, &mine, &elsewhere, &foreign] {
+            assert!(p.exists(), "{} was removed", p.display());
+        }
+        // A merge into the same parent cleans up what a killed merge left.
+        std::fs::create_dir(&stale_dir).unwrap();
+        let w = ModelWriter::create(
+            &d.join("out"),
+            &[t("a", DType::F32, &[2])],
+            &WriteConfig::default(),
+        )
+        .unwrap();
+        assert!(!stale_dir.exists());
+        drop(w);
+        assert!(!d.join("out").exists());
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_files_and_leave_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("search.toml");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"second");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("search.toml")]);
+        let err = write_atomic(&dir.path().join("no/such/dir/f"), b"x").unwrap_err();
+        assert!(err.to_string().contains("no/such/dir/f"), "{err}");
     }
 
     #[test]
