@@ -10,8 +10,9 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_evomerge")
 }
 
-/// A small PS search over the shipped toy world (few examples, few evaluations).
-fn small_search(dir: &Path) -> PathBuf {
+/// A small PS search over the shipped toy world (few examples, few evaluations); also the
+/// search of [`crate::overnight`].
+pub(crate) fn small_search(dir: &Path) -> PathBuf {
     let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
     let text = format!(
         r#"name = "kill-test"

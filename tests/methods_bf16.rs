@@ -21,41 +21,10 @@
 //! statistics cases of `tests/methods.rs` allow.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use evomerge::merge::{self, MergeInput, MergeMethod, Params, Scope, tensor_seed};
-use safetensors::{Dtype, SafeTensors};
 
-type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
-
-fn golden() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
-}
-
-/// Every tensor of a safetensors file as `f32` (bf16 widened exactly), with its shape.
-fn load(path: &Path) -> Tensors {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let data: Vec<f32> = match view.dtype() {
-                Dtype::F32 => view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                Dtype::BF16 => view
-                    .data()
-                    .chunks_exact(2)
-                    .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
-                    .collect(),
-                other => panic!("{}: {name}: unexpected dtype {other:?}", path.display()),
-            };
-            (name, (view.shape().to_vec(), data))
-        })
-        .collect()
-}
+use crate::methods_more::{Tensors, golden, load};
 
 /// The golden models: `models` (f32) or `models_bf16`.
 fn models(dir: &str) -> BTreeMap<&'static str, Tensors> {

@@ -21,14 +21,15 @@ use evomerge::store::ModelSet;
 use evomerge::tensor::DType;
 use safetensors::{Dtype, SafeTensors};
 
-type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+pub(crate) type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
-fn golden() -> PathBuf {
+pub(crate) fn golden() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
 }
 
-/// Every tensor of a safetensors file as `f32` (bf16 widened exactly), with its shape.
-fn load(path: &Path) -> Tensors {
+/// Every tensor of a safetensors file as `f32` (bf16 widened exactly), with its shape (also
+/// used by [`crate::methods_bf16`]).
+pub(crate) fn load(path: &Path) -> Tensors {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()

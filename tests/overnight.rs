@@ -21,46 +21,11 @@ fn bin() -> String {
     std::env::var("EVOMERGE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_evomerge").to_string())
 }
 
-/// A small PS search over the shipped toy world, two tasks of 12 dev examples each: fitness
-/// values such as 0.47916666666666663 need all 17 digits to read back exactly.
+/// The small PS search of [`crate::cli`] over the shipped toy world, two tasks of 12 dev
+/// examples each: fitness values such as 0.47916666666666663 need all 17 digits to read back
+/// exactly.
 fn toy_search(dir: &Path) -> PathBuf {
-    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
-    let text = format!(
-        r#"name = "overnight"
-models = ["{toy}/add", "{toy}/cipher"]
-base_model = "{toy}/base"
-method = "ties"
-
-[space]
-kind = "ps"
-granularity = "whole"
-embeddings = true
-params = ["weight", "density"]
-defaults = {{ weight = 1.0, density = 0.5 }}
-
-[evaluator]
-kind = "lm"
-fitness_split = "dev"
-tasks = [
-  {{ name = "add", path = "{toy}/tasks/add", metric = "exact_match", max_new_tokens = 4, limit = 12 }},
-  {{ name = "cipher", path = "{toy}/tasks/cipher", metric = "exact_match", max_new_tokens = 8, limit = 12 }},
-]
-
-[optimizer]
-sigma0 = 0.3
-population = 4
-generations = 4
-seed = 3
-restarts = "none"
-
-[parallelism]
-slots = 2
-"#,
-        toy = toy.display()
-    );
-    let path = dir.join("overnight.toml");
-    fs::write(&path, text).unwrap();
-    path
+    crate::cli::small_search(dir)
 }
 
 /// A PS search over a synthetic family scored by a shell command (`script`, whose stdout's last
