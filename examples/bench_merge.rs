@@ -1,15 +1,20 @@
 //! Merge throughput benchmark: a synthetic Llama family (base + 2 fine-tunes) generated from a
-//! seed, then `linear` and `ties` merges timed against a baseline measured in the same run —
-//! reading every input byte once and writing the output bytes once, sequentially (the issue's
-//! baseline) and split over as many threads as the merge uses. Each merge runs in a child
-//! process so its peak RSS (VmHWM) is its own.
+//! seed, then merges timed against a baseline measured in the same run — reading every input
+//! byte once and writing the output bytes once, sequentially (the issue's baseline) and split
+//! over as many threads as the merge uses. Each merge runs in a child process so its peak RSS
+//! (VmHWM) is its own. By default `linear` and `ties`; `--methods all` times every method in
+//! [`evomerge::merge::registry`], each with a recipe built from its declarations (see
+//! `recipe_text`), skipping (with the reason) those that need files the family lacks.
 //!
 //! ```text
 //! cargo run --release --example bench_merge                 # 0.5 B params, bf16 (issue 2's set)
 //! cargo run --release --example bench_merge -- --size tiny  # seconds; what CI runs
 //! cargo run --release --example bench_merge -- --dir /tmp/fam  # keep and reuse the family
+//! cargo run --release --example bench_merge -- --methods all   # every registered method
 //! cargo run --release --example bench_merge -- --methods linear,ties,dare_ties,slerp
 //! ```
+//!
+//! Exits with status 1 when a merge fails (after timing the others).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -18,6 +23,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use evomerge::merge::executor::{MergeOptions, merge_to_disk};
+use evomerge::merge::{BaseUse, MergeMethod, ParamDecl, ParamKind, Scope};
 use evomerge::recipe::Recipe;
 use evomerge::store::ModelSet;
 use evomerge::synth::{LlamaSpec, write_family};
@@ -174,47 +180,68 @@ fn read_write_baseline_parallel(models: &[PathBuf], out: &Path, threads: usize) 
     start.elapsed().as_secs_f64()
 }
 
-/// The recipe timed for `method`: `linear` averages all three models (no base model, so each
-/// input is read once); a method with a required base model merges the two fine-tunes onto it
-/// (slerp takes one); nuslerp takes the two fine-tunes, passthrough one. Per-model `weight` 0.5,
-/// `density` 0.5, the other parameters at their defaults (`t` 0.5).
-fn recipe_text(method: &str, family: &[PathBuf]) -> String {
-    use evomerge::merge::{BaseUse, Scope};
-    let m = evomerge::merge::method(method).expect("a registered method");
-    let per_model: Vec<String> = m
-        .params()
-        .iter()
-        .filter(|d| d.scope == Scope::PerModel)
-        .filter_map(|d| match d.name {
-            "weight" => Some("weight: 0.5".to_string()),
-            "density" => Some("density: 0.5".to_string()),
-            _ => None,
-        })
-        .collect();
-    let global: Vec<String> = m
-        .params()
-        .iter()
-        .filter(|d| d.scope == Scope::Global && d.default.is_none())
-        .map(|d| format!("{}: 0.5", d.name))
-        .collect();
-    let (base, models): (Option<&PathBuf>, &[PathBuf]) = match (method, m.base()) {
-        ("linear", _) => (None, family),
-        ("passthrough", _) => (None, &family[1..2]),
-        (_, BaseUse::Required) => {
-            let max = m.model_count().1.unwrap_or(usize::MAX);
-            (
-                Some(&family[0]),
-                &family[1..max.saturating_add(1).min(family.len())],
-            )
+/// How the bench builds a recipe for a method, from its declarations alone (no per-method
+/// cases, so a newly registered method is timed as soon as it is registered):
+///
+/// - inputs: with a required base model, the base plus the two fine-tunes (fewer when the
+///   method takes fewer: `slerp` one); with an optional base and no model limit, all three
+///   family members as plain models and no base (`linear` reads each input once); with an
+///   optional base and a limit, the fine-tunes up to the limit (`nuslerp` two, `passthrough`
+///   one);
+/// - parameters: every required one (no default) set to the middle of its declared range
+///   (`weight` 0.5, `t` 0.5; a flag to false), per model or global as declared; `density`,
+///   wherever declared, 0.5 so the sparsifiers drop half the entries (their default, 1,
+///   keeps everything); everything else at its default.
+///
+/// A method that reads auxiliary files beside the models (Fisher, RegMean) is skipped: the
+/// synthetic family has none. Returns the recipe and a few words on its inputs, or why not.
+fn recipe_text(method: &dyn MergeMethod, family: &[PathBuf]) -> Result<(String, String), String> {
+    if let Some(aux) = method.aux() {
+        return Err(format!(
+            "needs `{aux}` beside each model, which the synthetic family does not have"
+        ));
+    }
+    let (min, max) = method.model_count();
+    let (base, finetunes) = family.split_first().expect("a family");
+    let (base, models): (Option<&PathBuf>, Vec<&PathBuf>) = match (method.base(), max) {
+        (BaseUse::Required, _) => (
+            Some(base),
+            finetunes.iter().take(max.unwrap_or(usize::MAX)).collect(),
+        ),
+        (BaseUse::Optional | BaseUse::OptionalApart, None) => (None, family.iter().collect()),
+        (BaseUse::Optional | BaseUse::OptionalApart, Some(max)) => {
+            (None, finetunes.iter().take(max).collect())
         }
-        _ => (None, &family[1..]),
     };
-    let mut text = format!("merge_method: {method}\n");
+    if models.len() < min {
+        return Err(format!(
+            "needs at least {min} models besides the base, the family has {}",
+            finetunes.len()
+        ));
+    }
+    let value = |d: &ParamDecl| -> Option<String> {
+        match (d.name, d.default, d.kind) {
+            ("density", _, _) => Some("0.5".into()),
+            (_, Some(_), _) => None,
+            (_, None, ParamKind::Float { min, max }) => Some(format!("{}", (min + max) / 2.0)),
+            (_, None, ParamKind::Bool) => Some("false".into()),
+        }
+    };
+    let set = |scope: Scope| -> Vec<String> {
+        method
+            .params()
+            .iter()
+            .filter(|d| d.scope == scope)
+            .filter_map(|d| value(d).map(|v| format!("{}: {v}", d.name)))
+            .collect()
+    };
+    let (per_model, global) = (set(Scope::PerModel), set(Scope::Global));
+    let mut text = format!("merge_method: {}\n", method.name());
     if let Some(b) = base {
         text += &format!("base_model: {}\n", b.display());
     }
     text += "models:\n";
-    for model in models {
+    for model in &models {
         text += &format!("  - model: {}\n", model.display());
         if !per_model.is_empty() {
             text += &format!("    parameters: {{{}}}\n", per_model.join(", "));
@@ -223,12 +250,20 @@ fn recipe_text(method: &str, family: &[PathBuf]) -> String {
     if !global.is_empty() {
         text += &format!("parameters: {{{}}}\n", global.join(", "));
     }
-    text + "dtype: bfloat16\n"
+    text += "dtype: bfloat16\n";
+    let inputs = match base {
+        Some(_) => format!("base + {}", models.len()),
+        None if models.len() == 1 => "1 model".to_string(),
+        None => format!("{} models", models.len()),
+    };
+    Ok((text, inputs))
 }
 
 /// Child mode: run one merge and print `seconds peak_rss_bytes`.
 fn child(method: &str, root: &Path, family: &[PathBuf]) {
-    let recipe = Recipe::from_str(&recipe_text(method, family), None).expect("recipe");
+    let m = evomerge::merge::method(method).expect("a registered method");
+    let (text, _) = recipe_text(m, family).expect("a recipe the bench can build");
+    let recipe = Recipe::from_str(&text, None).expect("recipe");
     let out = root.join(format!("out-{method}"));
     let _ = std::fs::remove_dir_all(&out);
     settle_page_cache();
@@ -300,19 +335,37 @@ fn main() {
         .fold(f64::INFINITY, f64::min);
     println!("family: {size}, base + 2 fine-tunes, bf16, {threads} threads");
     println!("read+write baseline: {baseline:.2} s ({threads} threads: {parallel:.2} s)");
-    // `--methods a,b,c` times other registered methods too (default: the issue's two)
-    let methods: Vec<String> = args
+    // `--methods a,b,c` times other registered methods too, `--methods all` every registered
+    // one (default: the issue's two)
+    let methods: Vec<&'static dyn MergeMethod> = match args
         .iter()
         .position(|a| a == "--methods")
         .and_then(|i| args.get(i + 1))
-        .map_or_else(
-            || vec!["linear".to_string(), "ties".to_string()],
-            |list| list.split(',').map(str::to_string).collect(),
-        );
-    for method in &methods {
-        let method = method.as_str();
+        .map(String::as_str)
+    {
+        None => vec!["linear", "ties"]
+            .into_iter()
+            .map(|m| evomerge::merge::method(m).expect("registered"))
+            .collect(),
+        Some("all") => evomerge::merge::registry().to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|m| evomerge::merge::method(m).unwrap_or_else(|e| panic!("--methods: {e}")))
+            .collect(),
+    };
+    let mut failed = Vec::new();
+    for m in methods {
+        let method = m.name();
+        let inputs = match recipe_text(m, &family) {
+            Ok((_, inputs)) => inputs,
+            Err(why) => {
+                println!("{method:>16}: skipped: {why}");
+                continue;
+            }
+        };
         // Best of two runs, as for the baseline; each run in a fresh process.
-        let mut runs = (0..2).map(|_| {
+        let mut runs = Vec::new();
+        for _ in 0..2 {
             let exe = std::env::current_exe().expect("current exe");
             let out = Command::new(exe)
                 .arg("--child")
@@ -321,25 +374,41 @@ fn main() {
                 .args(&family)
                 .output()
                 .expect("run child");
-            assert!(
-                out.status.success(),
-                "{method} merge failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                let why = err
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                println!("{method:>16}: FAILED ({inputs}): {why}");
+                failed.push(method);
+                break;
+            }
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             let mut parts = text.split_whitespace();
             let secs: f64 = parts.next().and_then(|s| s.parse().ok()).expect("seconds");
             let rss: u64 = parts.next().and_then(|s| s.parse().ok()).expect("rss");
-            (secs, rss)
-        });
-        let first = runs.next().expect("a run");
-        let (secs, rss) = runs.fold(first, |(s, r), (s2, r2)| (s.min(s2), r.max(r2)));
+            runs.push((secs, rss));
+        }
+        if runs.len() < 2 {
+            continue;
+        }
+        let (secs, rss) = runs
+            .into_iter()
+            .fold((f64::INFINITY, 0), |(s, r), (s2, r2)| {
+                (s.min(s2), r.max(r2))
+            });
         println!(
             "{method:>16}: {secs:.2} s = {:.2}x baseline ({:.2}x the {threads}-thread one), \
-             peak RSS {:.0} MB",
+             peak RSS {:.0} MB ({inputs})",
             secs / baseline,
             secs / parallel,
             rss as f64 / 1e6
         );
+    }
+    if !failed.is_empty() {
+        eprintln!("failed: {}", failed.join(", "));
+        std::process::exit(1);
     }
 }

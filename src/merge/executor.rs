@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use crate::candidate::{MemModel, TensorMap};
 use crate::error::{Error, Result};
 use crate::merge::plan::{Plan, PlannedTensor, SourceRef, plan};
-use crate::merge::stream::{Chunk, STREAM_CHUNK, Stream, StreamSpec, chunk_count, chunk_range};
+use crate::merge::stream::{Chunk, Stream, StreamSpec, chunk_count_of, chunk_range_of};
 use crate::merge::{MergeInput, tensor_seed};
 use crate::recipe::Recipe;
 use crate::store::reader::{HeaderEntry, parse_header};
@@ -369,7 +369,8 @@ fn run_streamed(
     sink: &dyn Sink,
 ) -> Result<()> {
     let n: usize = t.shape.iter().product();
-    let total = chunk_count(n);
+    let len = stream.chunk_len();
+    let total = chunk_count_of(n, len);
     let base = match (&t.base, stream.uses_base()) {
         (Some(b), true) => Some((source(models, b, n)?, b)),
         _ => None,
@@ -384,15 +385,14 @@ fn run_streamed(
                       bufs: &mut ChunkBufs,
                       f: &mut dyn FnMut(&Chunk<'_>, &mut Vec<f32>) -> Result<()>|
      -> Result<()> {
-        let r = chunk_range(c, n);
-        let len = r.len();
+        let r = chunk_range_of(c, n, len);
         bufs.models.resize_with(inputs.len(), Vec::new);
         for ((model, src), buf) in inputs.iter().zip(&mut bufs.models) {
-            buf.resize(len, 0.0);
+            buf.resize(r.len(), 0.0);
             model.read_range_into(&src.tensor, r.start, buf)?;
         }
         if let Some((model, src)) = &base {
-            bufs.base.resize(len, 0.0);
+            bufs.base.resize(r.len(), 0.0);
             model.read_range_into(&src.tensor, r.start, &mut bufs.base)?;
         }
         let views: Vec<&[f32]> = bufs.models.iter().map(Vec::as_slice).collect();
@@ -439,7 +439,7 @@ fn run_streamed(
         let _permit = budget.acquire(n * 4);
         let mut values = vec![0f32; n];
         values
-            .par_chunks_mut(STREAM_CHUNK)
+            .par_chunks_mut(len.max(1))
             .enumerate()
             .try_for_each_init(ChunkBufs::default, |bufs, (c, o)| {
                 with_chunk(c, bufs, &mut |chunk, _| stream.apply(chunk, o))

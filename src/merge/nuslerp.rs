@@ -18,10 +18,21 @@
 //!
 //! Inputs: exactly two models besides the optional base; when the base model is also listed
 //! among the models (three inputs, one equal to the base), that entry is dropped.
+//!
+//! Streaming (see [`super::stream`]): the whole-tensor form takes one pass for the three dot
+//! products (summed per `util::CHUNK` piece, in order, as the earlier whole-tensor code did, so
+//! streaming changed no bit), then an elementwise pass; the per-row form needs no pass: its
+//! chunks are whole rows, each interpolated where it is read. The per-column form (`nuslerp_row_wise`)
+//! and a recipe listing the base among three models take whole tensors.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::util::{check, chunked_sum, global_flag, per_model};
+use super::stream::{
+    Chunk, Partial, Pass, STREAM_CHUNK, Stream, StreamSpec, downcast, run_in_memory,
+};
+use super::util::{CHUNK, check, check_spec, global_flag, per_model};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
 
@@ -120,20 +131,11 @@ impl MergeMethod for NuSlerp {
             });
         }
         let n: usize = input.shape.iter().product();
-        let name = self.name();
-        let (w0, w1) = (
-            per_model(name, input, 0, "weight")?,
-            per_model(name, input, 1, "weight")?,
-        );
-        let t = if (w0 + w1).abs() < 1e-6 {
-            0.5
-        } else {
-            w1 / (w0 + w1)
-        };
-        let flatten = global_flag(name, input, "nuslerp_flatten")?;
-        let row_wise = global_flag(name, input, "nuslerp_row_wise")?;
-
-        // The two vectors (task vectors when there is a base model).
+        if let Some(stream) = self.stream(&input.spec())? {
+            return run_in_memory(stream, n, input.base, &input.models);
+        }
+        // per column: one vector per position of the other axes, along the first axis
+        let t = self.t(&input.spec())?;
         let (v0, v1): (Vec<f32>, Vec<f32>) = match input.base {
             Some(b) => (
                 input.models[0].iter().zip(b).map(|(x, b)| x - b).collect(),
@@ -141,55 +143,203 @@ impl MergeMethod for NuSlerp {
             ),
             None => (input.models[0].to_vec(), input.models[1].to_vec()),
         };
-
-        let shape = input.shape;
         let mut out = vec![0.0f32; n];
-        if flatten || shape.len() < 2 {
-            let [s00, s11, s01] = chunked_sum(n, |r| dots(&v0[r.clone()], &v1[r]));
-            let (c0, c1) = coefficients(s00, s11, s01, t);
-            out.par_iter_mut()
-                .zip(v0.par_iter().zip(&v1))
-                .for_each(|(o, (&x, &y))| *o = c0 * x + c1 * y);
-        } else if !row_wise {
-            // one vector per slice along the last axis: contiguous rows
-            let len = shape[shape.len() - 1].max(1);
-            out.par_chunks_mut(len)
-                .zip(v0.par_chunks(len).zip(v1.par_chunks(len)))
-                .for_each(|(o, (x, y))| {
-                    let [s00, s11, s01] = dots(x, y);
-                    let (c0, c1) = coefficients(s00, s11, s01, t);
-                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                        *o = c0 * x + c1 * y;
-                    }
-                });
-        } else {
-            // one vector per position of the other axes, along the first axis
-            let rest = n / shape[0].max(1);
-            let mut s = vec![[0.0f64; 3]; rest];
-            for (x, y) in v0.chunks(rest).zip(v1.chunks(rest)) {
-                for ((s, &x), &y) in s.iter_mut().zip(x).zip(y) {
-                    let (x, y) = (f64::from(x), f64::from(y));
-                    s[0] += x * x;
-                    s[1] += y * y;
-                    s[2] += x * y;
-                }
+        let rest = n / input.shape[0].max(1);
+        let mut s = vec![[0.0f64; 3]; rest];
+        for (x, y) in v0.chunks(rest).zip(v1.chunks(rest)) {
+            for ((s, &x), &y) in s.iter_mut().zip(x).zip(y) {
+                let (x, y) = (f64::from(x), f64::from(y));
+                s[0] += x * x;
+                s[1] += y * y;
+                s[2] += x * y;
             }
-            let c: Vec<(f32, f32)> = s
-                .iter()
-                .map(|s| coefficients(s[0], s[1], s[2], t))
-                .collect();
-            out.par_chunks_mut(rest)
-                .zip(v0.par_chunks(rest).zip(v1.par_chunks(rest)))
-                .for_each(|(o, (x, y))| {
-                    for (((o, &x), &y), &(c0, c1)) in o.iter_mut().zip(x).zip(y).zip(&c) {
-                        *o = c0 * x + c1 * y;
-                    }
-                });
         }
+        let c: Vec<(f32, f32)> = s
+            .iter()
+            .map(|s| coefficients(s[0], s[1], s[2], t))
+            .collect();
+        out.par_chunks_mut(rest)
+            .zip(v0.par_chunks(rest).zip(v1.par_chunks(rest)))
+            .for_each(|(o, (x, y))| {
+                for (((o, &x), &y), &(c0, c1)) in o.iter_mut().zip(x).zip(y).zip(&c) {
+                    *o = c0 * x + c1 * y;
+                }
+            });
         if let Some(b) = input.base {
             out.par_iter_mut().zip(b).for_each(|(o, &b)| *o += b);
         }
         Ok(out)
+    }
+
+    /// The whole-tensor and per-row forms stream; the per-column form, and three models (the
+    /// base possibly among them, which only the values tell), take whole tensors.
+    fn stream(&self, spec: &StreamSpec<'_>) -> Result<Option<Box<dyn Stream>>> {
+        check_spec(self, spec)?;
+        if spec.models != 2 {
+            return Ok(None);
+        }
+        let name = self.name();
+        let t = self.t(spec)?;
+        let flatten = global_flag(name, spec, "nuslerp_flatten")?;
+        let row_wise = global_flag(name, spec, "nuslerp_row_wise")?;
+        let shape = spec.shape;
+        let form = if flatten || shape.len() < 2 {
+            Form::Whole { coef: None }
+        } else if !row_wise {
+            let len = shape[shape.len() - 1].max(1);
+            if len > MAX_ROW {
+                return Ok(None);
+            }
+            Form::Rows { len }
+        } else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(NuStream {
+            t,
+            has_base: spec.has_base,
+            form,
+            asked: false,
+        })))
+    }
+}
+
+/// Longest row the per-row form streams (a chunk holds at least one row of each input).
+const MAX_ROW: usize = 1 << 22;
+
+impl NuSlerp {
+    /// The interpolation factor `t = w_1 / (w_0 + w_1)` (0.5 when the weights cancel).
+    fn t(&self, spec: &StreamSpec<'_>) -> Result<f64> {
+        let name = self.name();
+        let (w0, w1) = (
+            per_model(name, spec, 0, "weight")?,
+            per_model(name, spec, 1, "weight")?,
+        );
+        Ok(if (w0 + w1).abs() < 1e-6 {
+            0.5
+        } else {
+            w1 / (w0 + w1)
+        })
+    }
+}
+
+/// Which vectors are interpolated.
+enum Form {
+    /// The whole tensor as one vector; `coef` once the dot-product pass ran.
+    Whole { coef: Option<(f32, f32)> },
+    /// Each row of `len` elements (slices along the last axis); chunks are whole rows.
+    Rows { len: usize },
+}
+
+/// One tensor's nuslerp, chunk by chunk.
+struct NuStream {
+    t: f64,
+    has_base: bool,
+    form: Form,
+    /// Whether the dot-product pass was asked for.
+    asked: bool,
+}
+
+impl NuStream {
+    /// `c0·v0 + c1·v1 (+ base)` over entries `range` of the chunk into `out[range]`.
+    fn write(&self, chunk: &Chunk<'_>, range: Range<usize>, (c0, c1): (f32, f32), out: &mut [f32]) {
+        let (x, y) = (
+            &chunk.models[0][range.clone()],
+            &chunk.models[1][range.clone()],
+        );
+        let out = &mut out[range.clone()];
+        match chunk.base {
+            Some(b) => {
+                for (((o, &x), &y), &b) in out.iter_mut().zip(x).zip(y).zip(&b[range]) {
+                    *o = (c0 * (x - b) + c1 * (y - b)) + b;
+                }
+            }
+            None => {
+                for ((o, &x), &y) in out.iter_mut().zip(x).zip(y) {
+                    *o = c0 * x + c1 * y;
+                }
+            }
+        }
+    }
+}
+
+/// `<v0,v0>, <v1,v1>, <v0,v1>` of the two vectors (task vectors with a base) over entries
+/// `range` of the chunk, accumulated in order.
+fn chunk_dots(chunk: &Chunk<'_>, range: Range<usize>) -> [f64; 3] {
+    let (x, y) = (
+        &chunk.models[0][range.clone()],
+        &chunk.models[1][range.clone()],
+    );
+    match chunk.base {
+        Some(b) => {
+            let b = &b[range];
+            let mut s = [0.0f64; 3];
+            for ((&x, &y), &b) in x.iter().zip(y).zip(b) {
+                let (x, y) = (f64::from(x - b), f64::from(y - b));
+                s[0] += x * x;
+                s[1] += y * y;
+                s[2] += x * y;
+            }
+            s
+        }
+        None => dots(x, y),
+    }
+}
+
+impl Stream for NuStream {
+    fn chunk_len(&self) -> usize {
+        match self.form {
+            Form::Whole { .. } => STREAM_CHUNK,
+            Form::Rows { len } => len * (STREAM_CHUNK / len).max(1),
+        }
+    }
+
+    fn next_pass(&mut self, partials: Vec<Partial>) -> Result<Option<Pass>> {
+        let Form::Whole { coef } = &mut self.form else {
+            return Ok(None);
+        };
+        if !self.asked {
+            self.asked = true;
+            return Ok(Some(Pass::All));
+        }
+        // sums per CHUNK piece, added in order: the in-memory form's `chunked_sum`
+        let mut acc = [0.0f64; 3];
+        for piece in downcast::<Vec<[f64; 3]>>(partials).into_iter().flatten() {
+            for (a, v) in acc.iter_mut().zip(piece) {
+                *a += v;
+            }
+        }
+        *coef = Some(coefficients(acc[0], acc[1], acc[2], self.t));
+        Ok(None)
+    }
+
+    fn observe(&self, chunk: &Chunk<'_>) -> Result<Partial> {
+        // STREAM_CHUNK is a multiple of CHUNK, so these pieces are `chunked_sum`'s
+        let n = chunk.len();
+        let pieces: Vec<[f64; 3]> = (0..n.div_ceil(CHUNK))
+            .map(|p| chunk_dots(chunk, p * CHUNK..((p + 1) * CHUNK).min(n)))
+            .collect();
+        Ok(Box::new(pieces))
+    }
+
+    fn uses_base(&self) -> bool {
+        self.has_base
+    }
+
+    fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
+        match self.form {
+            Form::Whole { coef } => {
+                let c = coef.expect("the dot-product pass ran");
+                self.write(chunk, 0..out.len(), c, out);
+            }
+            Form::Rows { len } => {
+                for r in (0..out.len()).step_by(len) {
+                    let [s00, s11, s01] = chunk_dots(chunk, r..r + len);
+                    let c = coefficients(s00, s11, s01, self.t);
+                    self.write(chunk, r..r + len, c, out);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -291,6 +441,77 @@ mod tests {
         );
         let err = NuSlerp.merge(&three).unwrap_err().to_string();
         assert!(err.contains("exactly 2 models"), "{err}");
+    }
+
+    /// The whole-tensor and per-row forms as they ran before streaming: task vectors
+    /// materialised, dot products by `chunked_sum` (whole) or one row at a time.
+    fn unstreamed(input: &MergeInput<'_>, t: f64, rows: bool) -> Vec<f32> {
+        let (v0, v1): (Vec<f32>, Vec<f32>) = match input.base {
+            Some(b) => (
+                input.models[0].iter().zip(b).map(|(x, b)| x - b).collect(),
+                input.models[1].iter().zip(b).map(|(x, b)| x - b).collect(),
+            ),
+            None => (input.models[0].to_vec(), input.models[1].to_vec()),
+        };
+        let n = v0.len();
+        let len = if rows {
+            input.shape[input.shape.len() - 1]
+        } else {
+            n
+        };
+        let mut out = vec![0.0f32; n];
+        for (o, (x, y)) in out.chunks_mut(len).zip(v0.chunks(len).zip(v1.chunks(len))) {
+            let [s00, s11, s01] = if rows {
+                dots(x, y)
+            } else {
+                super::super::util::chunked_sum(n, |r| dots(&x[r.clone()], &y[r]))
+            };
+            let (c0, c1) = coefficients(s00, s11, s01, t);
+            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                *o = c0 * x + c1 * y;
+            }
+        }
+        if let Some(b) = input.base {
+            out.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
+        }
+        out
+    }
+
+    /// Streaming changes no bit: whole tensors over several chunks (dot products summed per
+    /// `CHUNK` in order) and rows of 1000 (chunks of 32 whole rows), with and without a base.
+    #[test]
+    fn streamed_forms_equal_the_unstreamed_ones() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(3);
+        let shape = [70usize, 1000];
+        let n = 70_000;
+        let mut draw = || -> Vec<f32> { (0..n).map(|_| rng.random::<f32>() - 0.5).collect() };
+        let (b, x, y) = (draw(), draw(), draw());
+        let w = |v: f64| params(&[("weight", v)]);
+        for base in [None, Some(b.as_slice())] {
+            for flatten in [1.0, 0.0] {
+                let inp = input(
+                    &NuSlerp,
+                    &shape,
+                    base,
+                    vec![&x, &y],
+                    vec![w(0.3), w(0.5)],
+                    params(&[("nuslerp_flatten", flatten)]),
+                    0,
+                );
+                assert!(NuSlerp.stream(&inp.spec()).unwrap().is_some());
+                let got = NuSlerp.merge(&inp).unwrap();
+                let want = unstreamed(&inp, 0.5 / 0.8, flatten == 0.0);
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "base {} flatten {flatten}",
+                    base.is_some()
+                );
+            }
+        }
     }
 
     #[test]

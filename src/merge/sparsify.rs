@@ -26,6 +26,7 @@ use rayon::prelude::*;
 use super::select::{Keep, Kind, Selector, abs_bits, hash_draws};
 use super::stream::{chunk_count, chunk_range};
 use super::util::{chunked_sum, mix_seed};
+use crate::simd::avx2_fn;
 
 /// Which entries of a task vector survive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -254,7 +255,7 @@ fn sort_by_magnitude(keys: &mut Vec<u64>, spare: &mut Vec<u64>) {
 }
 
 /// MAGPRUNE over rows of `len` entries: keep probability `lo + two_eps · rank / (len − 1)`.
-struct RowProbs {
+pub(crate) struct RowProbs {
     len: usize,
     lo: f32,
     two_eps: f32,
@@ -262,17 +263,50 @@ struct RowProbs {
     model: u64,
 }
 
+/// Reusable buffers for [`RowProbs::mask`] (one set per [`RowProbs`]: the probability table
+/// is kept while the row length stays the same).
+#[derive(Default)]
+pub(crate) struct RowBufs {
+    keys: Vec<u64>,
+    spare: Vec<u64>,
+    draws: Vec<u32>,
+    /// `p(rank)` for every rank of a row (computed once per row length).
+    probs: Vec<f32>,
+}
+
 impl RowProbs {
+    /// Keep probability of rank `rank` (0 = smallest magnitude).
+    #[inline(always)]
+    fn p(&self, rank: usize) -> f32 {
+        let norm = if self.len > 1 {
+            rank as f32 / (self.len - 1) as f32
+        } else {
+            0.5
+        };
+        self.lo + norm * self.two_eps
+    }
+
     /// Keep flags of row number `row`, whose entry `c` has magnitude bits `mag(c)`, handed to
-    /// `out(c, flag)`; `bufs` are reusable buffers.
+    /// `out(c, flag)`: entry `c` is kept when its uniform draw `u_c < p(rank_c)`, ranks counted
+    /// from the smallest magnitude, equal magnitudes in index order (a stable radix sort).
     fn mask(
         &self,
         row: usize,
         mag: impl Fn(usize) -> u32,
-        (keys, spare, draws): &mut (Vec<u64>, Vec<u64>, Vec<u32>),
+        bufs: &mut RowBufs,
         mut out: impl FnMut(usize, u8),
     ) {
         let len = self.len;
+        if bufs.probs.len() != len {
+            bufs.probs.clear();
+            bufs.probs.extend((0..len).map(|r| self.p(r)));
+        }
+        let RowBufs {
+            keys,
+            spare,
+            draws,
+            probs,
+        } = bufs;
         keys.clear();
         keys.extend((0..len).map(|c| (u64::from(mag(c)) << 32) | c as u64));
         sort_by_magnitude(keys, spare);
@@ -280,16 +314,226 @@ impl RowProbs {
         draws.resize(len, 0);
         let key = mix_seed(self.seed, self.model, row as u64);
         hash_draws(key as u32, (key >> 32) as u32, draws);
-        for (rank, k) in keys.iter().enumerate() {
-            let norm = if len > 1 {
-                rank as f32 / (len - 1) as f32
-            } else {
-                0.5
-            };
+        for (k, &p) in keys.iter().zip(probs.iter()) {
             let c = (*k & 0xffff_ffff) as usize;
             let u = (draws[c] >> 8) as f32 * (1.0 / 16_777_216.0);
-            out(c, u8::from(u < self.lo + norm * self.two_eps));
+            out(c, u8::from(u < p));
         }
+    }
+}
+
+/// DELLA's decision for one task vector with rows of `len` entries, before seeing the data: `None`
+/// when it keeps everything or nothing (`density` ≥ 1 or ≤ 0, as [`sparsify`] decides, with
+/// the same error for `density ± epsilon` outside (0, 1)), else the rows' keep probabilities.
+pub(crate) fn della_rows(args: &SparsifyArgs, len: usize) -> Result<Option<RowProbs>, String> {
+    let (density, eps) = (args.density, args.epsilon);
+    if density >= 1.0 || density <= 0.0 {
+        return Ok(None);
+    }
+    if density + eps >= 1.0 || density - eps <= 0.0 {
+        return Err(format!(
+            "della: density ± epsilon must lie in (0, 1), got density {density} \
+             and epsilon {eps}"
+        ));
+    }
+    Ok(Some(RowProbs {
+        len,
+        lo: (density - eps) as f32,
+        two_eps: (2.0 * eps) as f32,
+        seed: args.seed,
+        model: args.model,
+    }))
+}
+
+/// MAGPRUNE over one streamed chunk of whole rows (entries `start ..` of the tensor, `start` a
+/// multiple of the row length): the chunk's keep bitset (bit `i` for entry `start + i`) and,
+/// for the rescale, its share of [`l1_norms`]' sums ([`L1Piece`]).
+pub(crate) fn della_chunk(
+    rows: &RowProbs,
+    start: usize,
+    m: &[f32],
+    b: &[f32],
+    rescale: bool,
+) -> (Vec<u64>, Option<L1Piece>) {
+    let n = m.len();
+    let mut words = vec![0u64; n.div_ceil(64)];
+    let mut bufs = RowBufs::default();
+    let first_row = start / rows.len.max(1);
+    for (r, (mr, br)) in m.chunks(rows.len).zip(b.chunks(rows.len)).enumerate() {
+        let off = r * rows.len;
+        rows.mask(
+            first_row + r,
+            |c| mag(mr, br, c),
+            &mut bufs,
+            |c, v| {
+                let i = off + c;
+                words[i / 64] |= u64::from(v) << (i % 64);
+            },
+        );
+    }
+    let piece = rescale.then(|| L1Piece::new(start, m, b, &words));
+    (words, piece)
+}
+
+/// One chunk's share of [`l1_norms`]: the `|δ|` and kept flags of the entries before its first
+/// and after its last whole 64-entry group (groups are counted from the tensor's start, and a
+/// group split between chunks must be summed in its entries' order), and each whole group's
+/// `[Σ|δ|, Σ|δ_kept|]` in between. [`L1Fold`] puts the chunks back together.
+pub(crate) struct L1Piece {
+    head: Vec<(f32, bool)>,
+    start: usize,
+    groups: Vec<[f32; 2]>,
+    tail: Vec<(f32, bool)>,
+}
+
+/// `[Σ|δ|, Σ|δ_kept|]` of up to 64 entries in [`l1_norms`]' order (eight lanes, then summed).
+#[inline(always)]
+fn group_sums(entries: impl Iterator<Item = (f32, bool)>) -> [f32; 2] {
+    let (mut all, mut kept) = ([0.0f32; 8], [0.0f32; 8]);
+    for (k, (a, keep)) in entries.enumerate() {
+        all[k % 8] += a;
+        kept[k % 8] += if keep { a } else { 0.0 };
+    }
+    [all.iter().sum::<f32>(), kept.iter().sum::<f32>()]
+}
+
+avx2_fn!(fn l1_groups(
+    m: &[f32],
+    b: &[f32],
+    words: &[u64],
+    first: usize,
+    out: &mut Vec<[f32; 2]>,
+) => l1_groups_body);
+
+/// [`group_sums`] of each whole 64-entry group of `m − b`, whose keep flags are bits `first ..`
+/// of `words`; fixed-size arrays so the lanes vectorise (same order of additions).
+#[inline(always)]
+fn l1_groups_body(m: &[f32], b: &[f32], words: &[u64], first: usize, out: &mut Vec<[f32; 2]>) {
+    for (g, (m64, b64)) in m.chunks_exact(64).zip(b.chunks_exact(64)).enumerate() {
+        let i = first + 64 * g;
+        let (w, r) = (i / 64, i % 64);
+        let word = if r == 0 {
+            words[w]
+        } else {
+            (words[w] >> r) | (words[w + 1] << (64 - r))
+        };
+        let m64: &[f32; 64] = m64.try_into().expect("64 entries");
+        let b64: &[f32; 64] = b64.try_into().expect("64 entries");
+        let (mut all, mut kept) = ([0.0f32; 8], [0.0f32; 8]);
+        for k8 in 0..8 {
+            for l in 0..8 {
+                let k = 8 * k8 + l;
+                let a = (m64[k] - b64[k]).abs();
+                all[l] += a;
+                kept[l] += if (word >> k) & 1 == 1 { a } else { 0.0 };
+            }
+        }
+        out.push([all.iter().sum::<f32>(), kept.iter().sum::<f32>()]);
+    }
+}
+
+impl L1Piece {
+    fn new(start: usize, m: &[f32], b: &[f32], words: &[u64]) -> Self {
+        let n = m.len();
+        let entry = |i: usize| ((m[i] - b[i]).abs(), (words[i / 64] >> (i % 64)) & 1 == 1);
+        let head_end = (start.next_multiple_of(64) - start).min(n);
+        let body_end = head_end + (n - head_end) / 64 * 64;
+        L1Piece {
+            head: (0..head_end).map(entry).collect(),
+            start: start + head_end,
+            groups: {
+                let mut groups = Vec::with_capacity((body_end - head_end) / 64);
+                l1_groups(
+                    &m[head_end..body_end],
+                    &b[head_end..body_end],
+                    words,
+                    head_end,
+                    &mut groups,
+                );
+                groups
+            },
+            tail: (body_end..n).map(entry).collect(),
+        }
+    }
+}
+
+/// Adds [`L1Piece`]s, in chunk order, exactly as [`l1_norms`] sums a whole tensor of `n`
+/// entries: group sums in order within each [`super::util::CHUNK`], those partials in order.
+pub(crate) struct L1Fold {
+    n: usize,
+    /// The next entry expected.
+    at: usize,
+    /// The group being assembled from single entries.
+    pending: Vec<(f32, bool)>,
+    /// The `CHUNK` being summed, its partial sum, and the total of those before it.
+    chunk: usize,
+    part: [f64; 2],
+    acc: [f64; 2],
+}
+
+impl L1Fold {
+    pub(crate) fn new(n: usize) -> Self {
+        L1Fold {
+            n,
+            at: 0,
+            pending: Vec::new(),
+            chunk: 0,
+            part: [0.0; 2],
+            acc: [0.0; 2],
+        }
+    }
+
+    fn group(&mut self, first: usize, sums: [f32; 2]) {
+        let c = first / super::util::CHUNK;
+        if c != self.chunk {
+            self.acc[0] += self.part[0];
+            self.acc[1] += self.part[1];
+            self.part = [0.0; 2];
+            self.chunk = c;
+        }
+        self.part[0] += f64::from(sums[0]);
+        self.part[1] += f64::from(sums[1]);
+    }
+
+    fn entry(&mut self, e: (f32, bool)) {
+        self.pending.push(e);
+        self.at += 1;
+        if self.at.is_multiple_of(64) || self.at == self.n {
+            let first = self.at - self.pending.len();
+            let sums = group_sums(self.pending.drain(..));
+            self.group(first, sums);
+        }
+    }
+
+    /// Add the next chunk's piece.
+    pub(crate) fn add(&mut self, piece: &L1Piece) {
+        for &e in &piece.head {
+            self.entry(e);
+        }
+        debug_assert!(piece.groups.is_empty() || self.at == piece.start);
+        for (g, &sums) in piece.groups.iter().enumerate() {
+            self.group(piece.start + 64 * g, sums);
+        }
+        self.at = piece.start + 64 * piece.groups.len();
+        for &e in &piece.tail {
+            self.entry(e);
+        }
+    }
+
+    /// `[Σ|δ|, Σ|δ_kept|]` of the whole tensor.
+    pub(crate) fn finish(mut self) -> [f64; 2] {
+        self.acc[0] += self.part[0];
+        self.acc[1] += self.part[1];
+        self.acc
+    }
+}
+
+/// The L1 rescale factor from `[Σ|δ|, Σ|δ_kept|]` (1 when either is below 1e-7).
+pub(crate) fn l1_scale([before, after]: [f64; 2]) -> f32 {
+    if before < 1e-7 || after < 1e-7 {
+        1.0
+    } else {
+        (before / after) as f32
     }
 }
 
@@ -323,16 +567,15 @@ fn magprune(
         model: args.model,
     };
     if inner == 1 {
-        keep.par_chunks_mut(len).enumerate().for_each_init(
-            || (Vec::new(), Vec::new(), Vec::new()),
-            |bufs, (r, k)| {
+        keep.par_chunks_mut(len)
+            .enumerate()
+            .for_each_init(RowBufs::default, |bufs, (r, k)| {
                 let start = r * len;
                 rows.mask(r, |c| mag(m, b, start + c), bufs, |c, v| k[c] = v);
-            },
-        );
+            });
     } else {
         let d0 = n / (len * inner);
-        let mut bufs = (Vec::new(), Vec::new(), Vec::new());
+        let mut bufs = RowBufs::default();
         for i0 in 0..d0 {
             for j in 0..inner {
                 let start = i0 * len * inner + j;

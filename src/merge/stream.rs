@@ -14,10 +14,13 @@
 //! Elementwise methods (`linear`, `task_arithmetic`) need no pass; TIES needs the top-k cut of
 //! each task vector (a sampled pass, then one counting pass, see
 //! [`super::task_arithmetic`]); SLERP needs two norms and a dot product, model stock the task
-//! vectors' Gram matrix per tensor or per row (one pass each).
+//! vectors' Gram matrix per tensor or per row (one pass each); nuslerp three dot products (one
+//! pass, or none per row); DELLA every row's mask (one pass over chunks of whole rows).
 //!
 //! Chunks are [`STREAM_CHUNK`] elements (the last one shorter) and start at multiples of it, so
-//! a chunk's index fixes its position — random methods seed their draws by it.
+//! a chunk's index fixes its position — random methods seed their draws by it. A stream whose
+//! formula works on whole rows (nuslerp per row, DELLA's per-row ranks) asks for chunks of whole
+//! rows instead ([`Stream::chunk_len`]); the same rule holds with its length.
 
 use std::any::Any;
 
@@ -55,7 +58,7 @@ impl Pass {
 /// One chunk of a tensor's inputs, decoded to `f32`.
 #[derive(Clone, Copy, Debug)]
 pub struct Chunk<'a> {
-    /// Chunk index (`start / STREAM_CHUNK`).
+    /// Chunk index (`start / chunk length`, see [`Stream::chunk_len`]).
     pub index: usize,
     /// The chunk's first element in the flattened tensor.
     pub start: usize,
@@ -104,6 +107,11 @@ pub trait Stream: Send + Sync {
     fn uses_base(&self) -> bool {
         true
     }
+    /// Elements per chunk (the last one shorter): [`STREAM_CHUNK`] unless the stream needs
+    /// chunks of whole rows. Asked once, before the first pass; must not change afterwards.
+    fn chunk_len(&self) -> usize {
+        STREAM_CHUNK
+    }
     /// Write the merged values of one chunk into `out` (`out.len() == chunk.len()`).
     fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()>;
 }
@@ -142,6 +150,16 @@ pub fn chunk_range(c: usize, n: usize) -> std::ops::Range<usize> {
     c * STREAM_CHUNK..((c + 1) * STREAM_CHUNK).min(n)
 }
 
+/// Number of chunks of `len` elements (the last one shorter) of an `n`-element tensor.
+pub fn chunk_count_of(n: usize, len: usize) -> usize {
+    n.div_ceil(len.max(1))
+}
+
+/// The element range of chunk `c` of `len` elements of an `n`-element tensor.
+pub fn chunk_range_of(c: usize, n: usize, len: usize) -> std::ops::Range<usize> {
+    (c * len).min(n)..((c + 1) * len).min(n)
+}
+
 /// Run a stream over inputs already in memory (all of length `n`); chunks in parallel.
 pub fn run_in_memory(
     mut stream: Box<dyn Stream>,
@@ -149,9 +167,10 @@ pub fn run_in_memory(
     base: Option<&[f32]>,
     models: &[&[f32]],
 ) -> Result<Vec<f32>> {
-    let total = chunk_count(n);
+    let len = stream.chunk_len();
+    let total = chunk_count_of(n, len);
     let with_chunk = |c: usize, f: &mut dyn FnMut(&Chunk<'_>) -> Result<()>| {
-        let r = chunk_range(c, n);
+        let r = chunk_range_of(c, n, len);
         let views: Vec<&[f32]> = models.iter().map(|m| &m[r.clone()]).collect();
         f(&Chunk {
             index: c,
@@ -178,7 +197,7 @@ pub fn run_in_memory(
     }
     let mut out = vec![0f32; n];
     let stream = &*stream;
-    out.par_chunks_mut(STREAM_CHUNK)
+    out.par_chunks_mut(len.max(1))
         .enumerate()
         .try_for_each(|(c, o)| with_chunk(c, &mut |chunk| stream.apply(chunk, o)))?;
     Ok(out)

@@ -33,17 +33,26 @@
 //! `epsilon` in [0, 0.5]) are the search's gene bounds; a recipe may use any value, as in
 //! mergekit (negative weights negate a task vector).
 //!
-//! Every preset but DELLA streams (see [`super::stream`]): the selection passes of
-//! [`super::sparsify`] (none for `task_arithmetic`; a sampled and a counting pass for TIES and
-//! Breadcrumbs; a mask pass for DARE), then one fused pass per chunk — task vectors recomputed
-//! from the inputs, weighted, elected, summed, normalised — so nothing of the tensor's size is
-//! held but DARE's bitset (one bit per entry). DELLA ranks whole rows and takes whole tensors.
+//! Every preset streams (see [`super::stream`]): the selection passes of [`super::sparsify`]
+//! (none for `task_arithmetic`; a sampled and a counting pass for TIES and Breadcrumbs; a mask
+//! pass for DARE), then one fused pass per chunk — task vectors recomputed from the inputs,
+//! weighted, elected, summed, normalised — so nothing of the tensor's size is held but DARE's
+//! bitset (one bit per entry). DELLA ranks each row, so its chunks are whole rows: one pass
+//! draws every row's MAGPRUNE mask (kept as a bitset, one bit per entry) and sums the L1 norms
+//! for the rescale in the same order as the whole-tensor form, so the bits are the same.
+//! DELLA over tensors of three or more axes whose rows are strided (`[d0, len, inner > 1]`)
+//! takes whole tensors.
 
 use rayon::prelude::*;
 
 use super::select::{Keep, LocalRule, Part, Selector, abs_bits};
-use super::sparsify::{Kept, Sparsify, SparsifyArgs, selector, sparsify};
-use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, downcast, run_in_memory};
+use super::sparsify::{
+    Kept, L1Fold, L1Piece, RowProbs, Sparsify, SparsifyArgs, della_chunk, della_rows, l1_scale,
+    selector, sparsify,
+};
+use super::stream::{
+    Chunk, Partial, Pass, STREAM_CHUNK, Stream, StreamSpec, downcast, run_in_memory,
+};
 use super::util::{base, check, check_spec, global, global_flag, per_model, tensor_err};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
@@ -255,7 +264,32 @@ impl MergeMethod for TaskArithmetic {
         if let Some(stream) = self.stream(&input.spec())? {
             return run_in_memory(stream, n, Some(b), &input.models);
         }
-        // DELLA: MAGPRUNE masks from whole rows first, then the same fused pass
+        self.della_whole(input)
+    }
+
+    fn stream(&self, spec: &StreamSpec<'_>) -> Result<Option<Box<dyn Stream>>> {
+        check_spec(self, spec)?;
+        let n = spec.numel();
+        let rescale = global_flag(self.name(), spec, "rescale")?;
+        if self.preset.sparsify == Some(Sparsify::Della) {
+            return self.della_stream(spec, rescale);
+        }
+        let selectors = (0..spec.models)
+            .map(|j| match self.preset.sparsify {
+                None => Ok(Selector::decided(n, Keep::All, 1.0)),
+                Some(kind) => Ok(selector(kind, n, &self.sparsify_args(spec, j, rescale)?)),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Box::new(self.pipeline(spec, selectors)?)))
+    }
+}
+
+impl TaskArithmetic {
+    /// DELLA over whole tensors (rows strided, `[d0, len, inner > 1]`): MAGPRUNE masks from
+    /// whole rows first, then the same fused pass.
+    fn della_whole(&self, input: &MergeInput<'_>) -> Result<Vec<f32>> {
+        let n = check(self, input)?;
+        let b = base(self, input)?;
         let name = self.name();
         let spec = input.spec();
         let kind = self
@@ -281,24 +315,48 @@ impl MergeMethod for TaskArithmetic {
         run_in_memory(Box::new(stream), n, Some(b), &input.models)
     }
 
-    fn stream(&self, spec: &StreamSpec<'_>) -> Result<Option<Box<dyn Stream>>> {
-        check_spec(self, spec)?;
-        if self.preset.sparsify == Some(Sparsify::Della) {
+    /// DELLA streamed over chunks of whole rows (rows along axis 1 contiguous: tensors of one
+    /// or two axes, or more with trailing axes of size 1); `None` otherwise.
+    fn della_stream(
+        &self,
+        spec: &StreamSpec<'_>,
+        rescale: bool,
+    ) -> Result<Option<Box<dyn Stream>>> {
+        let n = spec.numel();
+        let shape = spec.shape;
+        let (len, inner) = if shape.len() < 2 {
+            (n, 1)
+        } else {
+            (shape[1], shape[2..].iter().product::<usize>())
+        };
+        if inner != 1 || len > MAX_ROW || len == 0 {
             return Ok(None);
         }
-        let n = spec.numel();
-        let rescale = global_flag(self.name(), spec, "rescale")?;
-        let selectors = (0..spec.models)
-            .map(|j| match self.preset.sparsify {
-                None => Ok(Selector::decided(n, Keep::All, 1.0)),
-                Some(kind) => Ok(selector(kind, n, &self.sparsify_args(spec, j, rescale)?)),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Some(Box::new(self.pipeline(spec, selectors)?)))
+        let mut selectors = Vec::new();
+        let mut rows = Vec::new();
+        for j in 0..spec.models {
+            let args = self.sparsify_args(spec, j, rescale)?;
+            let r = della_rows(&args, len)
+                .map_err(|e| tensor_err(self.name(), spec.tensor, format!("model {j}: {e}")))?;
+            let keep = match (&r, args.density >= 1.0) {
+                (None, true) | (Some(_), _) => Keep::All,
+                (None, false) => Keep::Nothing,
+            };
+            selectors.push(Selector::decided(n, keep, 1.0));
+            rows.push(r);
+        }
+        let mut stream = self.pipeline(spec, selectors)?;
+        stream.della = Some(Della {
+            n,
+            len,
+            rows,
+            rescale,
+            masks: Vec::new(),
+            phase: DellaPhase::Start,
+        });
+        Ok(Some(Box::new(stream)))
     }
-}
 
-impl TaskArithmetic {
     /// Model `j`'s sparsification parameters (those the preset does not declare are 0).
     fn sparsify_args(
         &self,
@@ -341,6 +399,7 @@ impl TaskArithmetic {
             normalize: global_flag(name, spec, "normalize")?,
             consensus: self.preset.consensus,
             total,
+            della: None,
         })
     }
 }
@@ -356,6 +415,74 @@ struct TaStream {
     consensus: bool,
     /// Σ w_j (1 when |Σ| < 1e-8).
     total: f32,
+    /// DELLA's per-row masks, when the preset is DELLA.
+    della: Option<Della>,
+}
+
+/// Longest row DELLA streams (a chunk holds at least one row of each input).
+const MAX_ROW: usize = 1 << 22;
+
+/// DELLA's streamed state: chunks are whole rows of `len`; one pass draws the masks.
+struct Della {
+    n: usize,
+    len: usize,
+    /// Per model: the rows' keep probabilities, `None` when it keeps all or nothing.
+    rows: Vec<Option<RowProbs>>,
+    rescale: bool,
+    /// Per model, per chunk: the chunk's keep bitset (bit `i` for the chunk's entry `i`).
+    masks: Vec<Vec<Vec<u64>>>,
+    phase: DellaPhase,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DellaPhase {
+    Start,
+    Drawing,
+    Drawn,
+}
+
+/// One chunk's DELLA pass: per model, the bitset and the L1 piece (MAGPRUNE models only).
+type DellaPart = Vec<Option<(Vec<u64>, Option<L1Piece>)>>;
+
+impl Della {
+    fn observe(&self, chunk: &Chunk<'_>) -> DellaPart {
+        let b = chunk.base.expect("the task-arithmetic family has a base");
+        self.rows
+            .iter()
+            .zip(chunk.models)
+            .map(|(rows, m)| {
+                rows.as_ref()
+                    .map(|r| della_chunk(r, chunk.start, m, b, self.rescale))
+            })
+            .collect()
+    }
+
+    /// Keep the pass's masks and set each MAGPRUNE model's rescale factor.
+    fn absorb(&mut self, partials: Vec<Partial>, selectors: &mut [Selector]) {
+        let k = self.rows.len();
+        let mut folds: Vec<L1Fold> = (0..k).map(|_| L1Fold::new(self.n)).collect();
+        self.masks = (0..k).map(|_| Vec::new()).collect();
+        for chunk in downcast::<DellaPart>(partials) {
+            for (j, part) in chunk.into_iter().enumerate() {
+                if let Some((words, piece)) = part {
+                    if let Some(piece) = piece {
+                        folds[j].add(&piece);
+                    }
+                    self.masks[j].push(words);
+                }
+            }
+        }
+        for ((sel, rows), fold) in selectors.iter_mut().zip(&self.rows).zip(folds) {
+            if rows.is_some() {
+                let scale = if self.rescale {
+                    l1_scale(fold.finish())
+                } else {
+                    1.0
+                };
+                *sel = Selector::decided(self.n, Keep::All, scale);
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -365,7 +492,28 @@ thread_local! {
 }
 
 impl Stream for TaStream {
-    fn next_pass(&mut self, partials: Vec<Partial>) -> Result<Option<Pass>> {
+    fn chunk_len(&self) -> usize {
+        match &self.della {
+            Some(d) => d.len * (STREAM_CHUNK / d.len).max(1),
+            None => STREAM_CHUNK,
+        }
+    }
+
+    fn next_pass(&mut self, mut partials: Vec<Partial>) -> Result<Option<Pass>> {
+        if let Some(d) = &mut self.della {
+            match d.phase {
+                DellaPhase::Start => {
+                    d.phase = DellaPhase::Drawing;
+                    self.active = vec![false; self.selectors.len()];
+                    return Ok(Some(Pass::All));
+                }
+                DellaPhase::Drawing => {
+                    d.absorb(std::mem::take(&mut partials), &mut self.selectors);
+                    d.phase = DellaPhase::Drawn;
+                }
+                DellaPhase::Drawn => {}
+            }
+        }
         if !partials.is_empty() {
             let k = self.selectors.len();
             let mut per_model: Vec<Vec<Part>> = (0..k).map(|_| Vec::new()).collect();
@@ -395,6 +543,13 @@ impl Stream for TaStream {
     }
 
     fn observe(&self, chunk: &Chunk<'_>) -> Result<Partial> {
+        if let Some(d) = self
+            .della
+            .as_ref()
+            .filter(|d| d.phase == DellaPhase::Drawing)
+        {
+            return Ok(Box::new(d.observe(chunk)));
+        }
         let b = chunk.base.expect("the task-arithmetic family has a base");
         let parts: Vec<Option<Part>> = self
             .selectors
@@ -415,7 +570,12 @@ impl Stream for TaStream {
             .selectors
             .iter()
             .zip(chunk.models)
-            .map(|(sel, m)| match sel.keep() {
+            .enumerate()
+            .map(|(j, (sel, m))| match sel.keep() {
+                Keep::All if self.della.as_ref().is_some_and(|d| d.rows[j].is_some()) => {
+                    let d = self.della.as_ref().expect("della");
+                    ChunkKeep::Bits(d.masks[j][chunk.index].clone())
+                }
                 Keep::Window(rule) => ChunkKeep::Rule(rule.local(chunk.index, m, base)),
                 Keep::Random(d) => {
                     let mut draws = vec![0u32; m.len()];
@@ -453,6 +613,8 @@ enum ChunkKeep {
     Rule(LocalRule),
     /// DARE's draws for the chunk's entries, and the survival threshold.
     Draws(Vec<u32>, u32),
+    /// DELLA's keep bitset for the chunk's entries (bit `i` for entry `i` of the chunk).
+    Bits(Vec<u64>),
 }
 
 /// Elements of a chunk merged together by [`TaStream::merge_block`]: a multiple of 64 (bitset
@@ -490,6 +652,10 @@ impl TaStream {
             let m = models[j];
             let (scale, w) = (sel.scale(), s.weights[j]);
             match (sel.keep(), &rules[j]) {
+                // blocks start at multiples of BLOCK in their chunk: whole words
+                (_, ChunkKeep::Bits(words)) => {
+                    masked_deltas(d, m, bb, &words[block.offset / 64..], scale, w)
+                }
                 (Keep::All, _) => {
                     for ((d, &m), &b) in d.iter_mut().zip(m).zip(bb) {
                         *d = (m - b) * scale * w;
@@ -834,6 +1000,51 @@ mod tests {
                 "{}",
                 preset.name()
             );
+        }
+    }
+
+    /// Streamed DELLA (chunks of whole rows, one mask pass) gives the bits of the whole-tensor
+    /// form: rows of 1000 and 1001 (not whole 64-entry groups, so groups straddle chunks, and
+    /// chunks start mid-group), chunks of 32 rows across `CHUNK` boundaries, rescale on and
+    /// off, one model kept whole, a 1-D tensor as one row.
+    #[test]
+    fn streamed_della_equals_the_whole_tensor_form() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(12);
+        for shape in [
+            vec![70usize, 1000],
+            vec![40, 1001],
+            vec![33, 64],
+            vec![5000],
+        ] {
+            let n: usize = shape.iter().product();
+            let mut draw = || -> Vec<f32> { (0..n).map(|_| rng.random::<f32>() - 0.5).collect() };
+            let (b, m0, m1) = (draw(), draw(), draw());
+            for (preset, rescale, d1) in [
+                (&DELLA, 1.0, 0.6),
+                (&DELLA_LINEAR, 1.0, 1.0),
+                (&DELLA, 0.0, 0.3),
+            ] {
+                let mp = vec![
+                    params(&[("weight", 0.7), ("density", 0.4)]),
+                    params(&[("weight", 1.3), ("density", d1), ("epsilon", 0.2)]),
+                ];
+                let g = params(&[("rescale", rescale)]);
+                let inp = input(preset, &shape, Some(&b), vec![&m0, &m1], mp, g, 5);
+                assert!(preset.stream(&inp.spec()).unwrap().is_some());
+                let streamed = preset.merge(&inp).unwrap();
+                let whole = preset.della_whole(&inp).unwrap();
+                assert!(
+                    streamed
+                        .iter()
+                        .zip(&whole)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{} {shape:?} rescale {rescale}",
+                    preset.name()
+                );
+                assert!(streamed.iter().zip(&b).any(|(x, y)| x != y));
+            }
         }
     }
 
