@@ -10,6 +10,12 @@
 //! tensor bytes are held at once (a tensor larger than the budget runs alone). Whole models are
 //! never loaded.
 //!
+//! Methods compute in `f32` and the sink rounds each output to the output dtype; with
+//! [`ComputeDtype::Recipe`] (`--compute-dtype recipe`) the executor asks the method for
+//! mergekit's arithmetic in the recipe's `dtype` instead
+//! ([`crate::merge::MergeMethod::stream_in`]), and refuses, before writing anything, a method
+//! that does not implement it.
+//!
 //! ```no_run
 //! # fn main() -> evomerge::Result<()> {
 //! use evomerge::merge::executor::{merge_to_disk, MergeOptions};
@@ -56,6 +62,43 @@ pub struct MergeOptions {
     /// failing. By default a merge that produces one fails with an error naming the tensor
     /// (`evomerge merge --allow-nonfinite` sets this).
     pub allow_nonfinite: bool,
+    /// The arithmetic: `f32` (the default), or mergekit's in the recipe's `dtype`
+    /// (`evomerge merge --compute-dtype recipe`).
+    pub compute_dtype: ComputeDtype,
+}
+
+/// The arithmetic of a merge ([`MergeOptions::compute_dtype`]).
+///
+/// By default every method computes in `f32` and rounds only its output to the output dtype:
+/// the most accurate result, and equal to mergekit's bit for bit when mergekit computes in
+/// `f32` too (a recipe with `dtype: float32`, or no `dtype` and `f32` models). mergekit computes
+/// in the recipe's `dtype`, though: with `dtype: bfloat16` every torch operation is rounded to
+/// `bf16`. [`ComputeDtype::Recipe`] reproduces that exactly, for the methods whose
+/// [`crate::merge::MergeMethod::computes_in`] says so ([`crate::merge::computing_in`] lists
+/// them: `linear`, which mergekit computes in `f32` anyway, and `task_arithmetic`); for any
+/// other method and a `bf16` / `f16` recipe dtype the merge fails before anything is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ComputeDtype {
+    /// `f32` arithmetic, the output rounded once.
+    #[default]
+    F32,
+    /// mergekit's arithmetic: in the recipe's `dtype`, else in the base (or first) model's
+    /// stored dtype (mergekit computes in the dtype it loads).
+    Recipe,
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(ComputeDtype::F32),
+            "recipe" => Ok(ComputeDtype::Recipe),
+            other => Err(Error::msg(format!(
+                "unknown compute dtype `{other}` (expected `recipe` or `f32`)"
+            ))),
+        }
+    }
 }
 
 impl Default for MergeOptions {
@@ -67,6 +110,7 @@ impl Default for MergeOptions {
             progress: false,
             in_flight_bytes: 512 << 20,
             allow_nonfinite: false,
+            compute_dtype: ComputeDtype::F32,
         }
     }
 }
@@ -175,6 +219,33 @@ impl Sink for MemSink {
     }
 }
 
+/// The largest `f32` magnitude that stays finite when rounded (to nearest, ties to even) to
+/// `dtype`: halfway to the next power of two above the dtype's largest value rounds up to
+/// infinity, since that largest value has an odd significand.
+fn finite_limit(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => f32::MAX,
+        DType::F16 => f32::from_bits(65520f32.to_bits() - 1),
+        DType::BF16 => f32::from_bits(0x7F7F_7FFF),
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn finite_limit_is_where_the_dtype_rounds_to_infinity() {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let limit = finite_limit(dtype);
+        let finite = |v: f32| match dtype {
+            DType::F32 => v.is_finite(),
+            DType::F16 => half::f16::from_f32(v).is_finite(),
+            DType::BF16 => half::bf16::from_f32(v).is_finite(),
+        };
+        assert!(finite(limit) && finite(-limit), "{dtype}");
+        let above = f32::from_bits(limit.to_bits() + 1);
+        assert!(!finite(above) && !finite(-above), "{dtype}: {above}");
+    }
+}
+
 /// Refuses non-finite merged values before they reach the inner sink: NaN, ±inf, or a finite
 /// `f32` that becomes infinite in the output dtype (e.g. above 65504 in `f16`). The error names
 /// the tensor, the first bad element and its value.
@@ -185,6 +256,12 @@ struct FiniteSink<'a> {
 
 impl FiniteSink<'_> {
     fn check(&self, tensor: &PlannedTensor, start: usize, values: &[f32]) -> Result<()> {
+        // Fast path, one vectorised pass: no magnitude above the largest `f32` that rounds to a
+        // finite value of the output dtype (NaN fails the comparison too).
+        let limit = finite_limit(self.dtype);
+        if values.iter().fold(true, |ok, v| ok & (v.abs() <= limit)) {
+            return Ok(());
+        }
         let stored_finite = |v: f32| match self.dtype {
             DType::F32 => v.is_finite(),
             DType::F16 => half::f16::from_f32(v).is_finite(),
@@ -294,10 +371,16 @@ fn recycle_large_buffers() {
 /// A method that streams ([`crate::merge::MergeMethod::stream`]) runs chunk by chunk, reading
 /// each chunk of its inputs just before merging it; other methods get whole tensors, within the
 /// in-flight byte budget. Stops at the first error; the error names the tensor.
+///
+/// `compute` is the arithmetic (see [`ComputeDtype`]): `None` for evomerge's `f32`, or
+/// mergekit's in that dtype ([`crate::merge::MergeMethod::stream_in`]), which a method takes
+/// only where it [`crate::merge::MergeMethod::computes_in`] it (checked by [`merge_to_disk`]
+/// before it writes anything); in `bf16` / `f16` every tensor is streamed.
 pub fn execute(
     plan: &Plan,
     models: &ModelSet,
     seed: u64,
+    compute: Option<DType>,
     in_flight_bytes: usize,
     sink: &dyn Sink,
     progress: &ProgressBar,
@@ -317,7 +400,19 @@ pub fn execute(
             seed: tensor_seed(seed, &t.name),
         };
         // aux data (Fisher, Gram) is per tensor, not per chunk: such methods take whole tensors
-        let stream = if t.aux.is_empty() {
+        let stream = if let Some(dtype) = compute {
+            let stream = plan.method.stream_in(&spec, dtype);
+            match stream.map_err(|e| in_tensor(plan, t, e))? {
+                None if dtype != DType::F32 => {
+                    return Err(in_tensor(
+                        plan,
+                        t,
+                        Error::msg(format!("{dtype} arithmetic needs a streamed merge")),
+                    ));
+                }
+                stream => stream,
+            }
+        } else if t.aux.is_empty() {
             plan.method
                 .stream(&spec)
                 .map_err(|e| in_tensor(plan, t, e))?
@@ -603,6 +698,7 @@ pub fn merge_in_memory(recipe: &Recipe, models: &mut ModelSet, seed: u64) -> Res
         &plan,
         models,
         seed,
+        None,
         MergeOptions::default().in_flight_bytes,
         &FiniteSink {
             inner: &sink,
@@ -630,6 +726,7 @@ pub fn merge_to_disk(
         plan.out_dtype = dt;
         crate::merge::plan::set_config_dtype(&mut plan.config, dt);
     }
+    let compute = compute_dtype(recipe, &plan, models, options.compute_dtype)?;
     let infos: Vec<TensorInfo> = plan
         .tensors
         .iter()
@@ -660,6 +757,7 @@ pub fn merge_to_disk(
         &plan,
         models,
         options.seed,
+        compute,
         options.in_flight_bytes,
         sink,
         &bar,
@@ -667,6 +765,39 @@ pub fn merge_to_disk(
     bar.finish_and_clear();
     let card = model_card(&plan);
     writer.finish(&plan.config, plan.donor.as_deref(), &card)
+}
+
+/// The dtype a merge computes in ([`ComputeDtype`]; `None`: evomerge's `f32`); an error naming
+/// the method, and those that implement it, when the method cannot compute in the recipe's
+/// dtype.
+fn compute_dtype(
+    recipe: &Recipe,
+    plan: &Plan,
+    models: &ModelSet,
+    option: ComputeDtype,
+) -> Result<Option<DType>> {
+    if option == ComputeDtype::F32 {
+        return Ok(None);
+    }
+    let stored = || {
+        let t = plan.tensors.first()?;
+        let src = t.base.as_ref().or(t.models.first())?;
+        Some(models.get(&src.model)?.info(&src.tensor)?.dtype)
+    };
+    let dtype = recipe.dtype.or_else(stored).unwrap_or(DType::F32);
+    if plan.method.computes_in(dtype) {
+        return Ok(Some(dtype));
+    }
+    Err(Error::Method {
+        method: plan.method.name().to_string(),
+        msg: format!(
+            "--compute-dtype recipe is implemented for: {} (in {dtype}, the recipe's dtype); \
+             `{}` computes in f32 only: use --compute-dtype f32 (the default) or `dtype: \
+             float32`",
+            crate::merge::computing_in(dtype).join(", "),
+            plan.method.name()
+        ),
+    })
 }
 
 /// The README.md written beside a merged model: what made it, and the recipe to make it again.
