@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use evomerge::device::DeviceSpec;
-use evomerge::merge::executor::{MergeOptions, merge_to_disk};
+use evomerge::merge::executor::{ComputeDtype, MergeOptions, merge_to_disk};
 use evomerge::recipe::Recipe;
 use evomerge::store::ModelSet;
 use evomerge::tensor::DType;
@@ -53,6 +53,12 @@ enum Command {
         /// large for the output dtype); by default such a merge fails naming the tensor.
         #[arg(long)]
         allow_nonfinite: bool,
+        /// The arithmetic: `f32` (compute in f32, round only the output; the default) or
+        /// `recipe` (mergekit's, in the recipe's `dtype`: with `dtype: bfloat16` every step
+        /// rounded to bf16, bit-identical to mergekit). `recipe` is implemented for linear and
+        /// task_arithmetic; other methods with a bf16 / f16 recipe dtype fail before writing.
+        #[arg(long, default_value = "f32")]
+        compute_dtype: ComputeDtype,
     },
     /// Run an evolutionary search (`searches/*.toml`): CMA-ES proposes recipes, candidates are
     /// built in memory and scored on the dev split; writes history, plots, the best recipe, the
@@ -518,7 +524,18 @@ fn eval_command(
     let progress = EvalProgress::new(&evaluator, labels, splits.len());
     let table = EvalTable::score(&progress, &candidates, &metrics, &splits);
     progress.finish();
-    write_stdout(&table.to_markdown())
+    write_stdout(&table.to_markdown())?;
+    // The table shows every failure; a run in which nothing could be scored is an error.
+    if let Some(first) = table.rows.iter().find(|r| !r.errors.is_empty())
+        && table.rows.iter().all(|r| !r.errors.is_empty())
+    {
+        anyhow::bail!(
+            "every model failed to evaluate; the first ({}): {}",
+            first.label,
+            first.errors[0]
+        );
+    }
+    Ok(())
 }
 
 /// `eval`'s progress on stderr, one step per model and split: a bar on a terminal, else a line
@@ -840,6 +857,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             quiet,
             align,
             allow_nonfinite,
+            compute_dtype,
         } => {
             let parsed = Recipe::from_path(&recipe)?;
             let mut models = ModelSet::new();
@@ -852,6 +870,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_shard_size,
                 progress: !quiet,
                 allow_nonfinite,
+                compute_dtype,
                 ..MergeOptions::default()
             };
             let out = merge_to_disk(&parsed, &mut models, &out_dir, &options)

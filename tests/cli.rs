@@ -231,6 +231,46 @@ fn fisher_command_weights_the_toy_experts_better_than_the_average() {
     );
 }
 
+/// `eval` prints a failing model's row as `error` and goes on; when every model fails it exits
+/// non-zero with the first error.
+#[test]
+fn eval_fails_only_when_every_model_fails() {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks.toml");
+    fs::write(
+        &tasks,
+        format!(
+            "[[tasks]]\nname = \"add\"\npath = \"{}\"\nmetric = \"exact_match\"\nmax_new_tokens = 4\nlimit = 4\n",
+            toy.join("tasks/add").display()
+        ),
+    )
+    .unwrap();
+    // A model directory with a config but no weights.
+    let broken = dir.path().join("broken");
+    fs::create_dir(&broken).unwrap();
+    fs::copy(toy.join("add/config.json"), broken.join("config.json")).unwrap();
+    let run = |models: &[&Path]| {
+        Command::new(bin())
+            .args(["eval", "--split", "dev", "--tasks"])
+            .arg(&tasks)
+            .args(models)
+            .output()
+            .unwrap()
+    };
+    let mixed = run(&[&toy.join("add"), &broken]);
+    assert!(mixed.status.success(), "{mixed:?}");
+    let table = String::from_utf8_lossy(&mixed.stdout);
+    assert!(table.contains("error"), "{table}");
+    let all_bad = run(&[&broken]);
+    assert!(!all_bad.status.success(), "{all_bad:?}");
+    let stderr = String::from_utf8_lossy(&all_bad.stderr);
+    assert!(
+        stderr.contains("every model failed to evaluate; the first (broken)"),
+        "{stderr}"
+    );
+}
+
 /// `eval` runs on the device and in the compute dtype asked for; `cuda` in a build without the
 /// `cuda` feature is an error naming the flag and the build option.
 #[test]
