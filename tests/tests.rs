@@ -1,6 +1,7 @@
 //! The one integration-test binary; each area is a module.
 
 mod cli;
+mod compute_dtype;
 mod decode;
 mod digits;
 mod eval;

@@ -12,12 +12,18 @@
 //! As in mergekit 0.1.5, the base model has no special role here: a recipe that lists it among
 //! `models` gives it a weight like any other input, and the executor passes it among
 //! [`MergeInput::models`]. A separate [`MergeInput::base`] is ignored.
+//!
+//! mergekit's `linear` computes in `f32` whatever the recipe's `dtype` (it only casts its
+//! inputs to `dtype` on loading, and its result to the output dtype), so `--compute-dtype
+//! recipe` ([`MergeMethod::stream_in`]) only rounds the inputs to `dtype` first: exact for
+//! inputs stored in it, bit-identical to mergekit on the `linear_bf16` golden case.
 
-use super::stream::{Chunk, Stream, StreamSpec, run_in_memory};
+use super::stream::{Chunk, RoundInputs, Stream, StreamSpec, run_in_memory};
 use super::util::{check, check_spec, global_flag, per_model, tensor_err};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
 use crate::simd::avx2_fn;
+use crate::tensor::DType;
 
 /// The weighted average (see the module docs).
 #[derive(Clone, Copy, Debug, Default)]
@@ -64,6 +70,29 @@ impl MergeMethod for Linear {
     }
 
     fn stream(&self, spec: &StreamSpec<'_>) -> Result<Option<Box<dyn Stream>>> {
+        Ok(Some(Box::new(self.linear_stream(spec, false)?)))
+    }
+
+    /// mergekit's `linear` computes in `f32` whatever the recipe's `dtype`.
+    fn computes_in(&self, _dtype: DType) -> bool {
+        true
+    }
+
+    /// mergekit's order: `result.addcmul_(x_j, w_j)` model by model (a fused multiply-add on
+    /// CPU: `fma(x_j, w_j, result)`, one rounding), then `result / Σ w_j`, on the inputs
+    /// rounded to `dtype` (as mergekit loads them).
+    fn stream_in(&self, spec: &StreamSpec<'_>, dtype: DType) -> Result<Option<Box<dyn Stream>>> {
+        let inner = Box::new(self.linear_stream(spec, true)?);
+        Ok(Some(match dtype {
+            DType::F32 => inner,
+            _ => Box::new(RoundInputs { inner, dtype }),
+        }))
+    }
+}
+
+impl Linear {
+    /// The weighted sum's stream; `fused`: mergekit's fused multiply-adds.
+    fn linear_stream(&self, spec: &StreamSpec<'_>, fused: bool) -> Result<LinearStream> {
         check_spec(self, spec)?;
         let name = self.name();
         let weights = (0..spec.models)
@@ -78,10 +107,11 @@ impl MergeMethod for Linear {
                 format!("weights {weights:?} sum to zero, cannot normalize"),
             ));
         }
-        Ok(Some(Box::new(LinearStream {
+        Ok(LinearStream {
             weights,
             divisor: normalize.then_some(total),
-        })))
+            fused,
+        })
     }
 }
 
@@ -89,6 +119,8 @@ impl MergeMethod for Linear {
 struct LinearStream {
     weights: Vec<f32>,
     divisor: Option<f32>,
+    /// Fused multiply-adds (mergekit's `addcmul_`) instead of a product and a sum.
+    fused: bool,
 }
 
 impl Stream for LinearStream {
@@ -97,7 +129,19 @@ impl Stream for LinearStream {
     }
 
     fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
-        weighted_sum(&self.weights, chunk.models, self.divisor, out);
+        if self.fused {
+            out.fill(0.0);
+            for (m, &w) in chunk.models.iter().zip(&self.weights) {
+                for (o, &x) in out.iter_mut().zip(*m) {
+                    *o = x.mul_add(w, *o);
+                }
+            }
+            if let Some(total) = self.divisor {
+                out.iter_mut().for_each(|o| *o /= total);
+            }
+        } else {
+            weighted_sum(&self.weights, chunk.models, self.divisor, out);
+        }
         Ok(())
     }
 }

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 use stream::{Stream, StreamSpec};
 
 pub mod arcee_fusion;
@@ -173,6 +174,35 @@ pub trait MergeMethod: Send + Sync {
         let _ = spec;
         Ok(None)
     }
+    /// Whether the method can reproduce mergekit's arithmetic in `dtype` exactly
+    /// (`evomerge merge --compute-dtype recipe`, see [`executor::ComputeDtype`]): `f32` always;
+    /// `bf16` / `f16` only where [`MergeMethod::stream_in`] implements it.
+    fn computes_in(&self, dtype: DType) -> bool {
+        dtype == DType::F32
+    }
+    /// [`MergeMethod::stream`] with mergekit's arithmetic in `dtype`: the inputs rounded to
+    /// `dtype`, then every operation rounded as mergekit's torch code rounds it. Called only
+    /// when [`MergeMethod::computes_in`] says so. The default, for `f32`, is
+    /// [`MergeMethod::stream`] itself (a method whose `f32` order of operations differs from
+    /// mergekit's, like `linear`'s fused multiply-adds, overrides it).
+    fn stream_in(&self, spec: &StreamSpec<'_>, dtype: DType) -> Result<Option<Box<dyn Stream>>> {
+        if dtype == DType::F32 {
+            return self.stream(spec);
+        }
+        Err(Error::msg(format!(
+            "{}: mergekit's {dtype} arithmetic is not implemented for this method",
+            self.name()
+        )))
+    }
+}
+
+/// The methods that implement mergekit's arithmetic in `dtype` ([`MergeMethod::computes_in`]).
+pub fn computing_in(dtype: DType) -> Vec<&'static str> {
+    registry()
+        .iter()
+        .filter(|m| m.computes_in(dtype))
+        .map(|m| m.name())
+        .collect()
 }
 
 /// A stable 64-bit seed for one tensor from the run seed and the tensor's name (FNV-1a).

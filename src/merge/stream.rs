@@ -28,6 +28,7 @@ use rayon::prelude::*;
 
 use super::Params;
 use crate::error::Result;
+use crate::tensor::DType;
 
 /// Elements per streamed chunk: a multiple of 64 (chunks start on a bitset word) and of
 /// [`super::util::CHUNK`]. Small enough that a chunk of three inputs and the output, as `f32`,
@@ -201,6 +202,63 @@ pub fn run_in_memory(
         .enumerate()
         .try_for_each(|(c, o)| with_chunk(c, &mut |chunk| stream.apply(chunk, o)))?;
     Ok(out)
+}
+
+/// Round an `f32` to `dtype` (round to nearest, ties to even, as torch casts) and widen it
+/// back: one operation of mergekit's arithmetic in `dtype` is the `f32` operation on widened
+/// operands followed by this (torch on CPU computes `bf16` / `f16` elementwise ops in `f32`).
+pub fn rounding(dtype: DType) -> fn(f32) -> f32 {
+    match dtype {
+        DType::F32 => |x| x,
+        DType::BF16 => |x| half::bf16::from_f32(x).to_f32(),
+        DType::F16 => |x| half::f16::from_f32(x).to_f32(),
+    }
+}
+
+/// A stream whose method computes in `f32` whatever the recipe's `dtype` (mergekit's `linear`),
+/// run on inputs rounded to that dtype first, as mergekit casts every input to `dtype` when it
+/// loads it (exact when the inputs are stored in it already).
+pub struct RoundInputs {
+    pub inner: Box<dyn Stream>,
+    pub dtype: DType,
+}
+
+impl RoundInputs {
+    fn rounded<R>(&self, chunk: &Chunk<'_>, f: impl FnOnce(&Chunk<'_>) -> R) -> R {
+        let r = rounding(self.dtype);
+        let round = |v: &[f32]| v.iter().map(|&x| r(x)).collect::<Vec<f32>>();
+        let models: Vec<Vec<f32>> = chunk.models.iter().map(|m| round(m)).collect();
+        let views: Vec<&[f32]> = models.iter().map(Vec::as_slice).collect();
+        let base = chunk.base.map(round);
+        f(&Chunk {
+            index: chunk.index,
+            start: chunk.start,
+            base: base.as_deref(),
+            models: &views,
+        })
+    }
+}
+
+impl Stream for RoundInputs {
+    fn next_pass(&mut self, partials: Vec<Partial>) -> Result<Option<Pass>> {
+        self.inner.next_pass(partials)
+    }
+
+    fn observe(&self, chunk: &Chunk<'_>) -> Result<Partial> {
+        self.rounded(chunk, |c| self.inner.observe(c))
+    }
+
+    fn uses_base(&self) -> bool {
+        self.inner.uses_base()
+    }
+
+    fn chunk_len(&self) -> usize {
+        self.inner.chunk_len()
+    }
+
+    fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
+        self.rounded(chunk, |c| self.inner.apply(c, out))
+    }
 }
 
 /// Take the partials of a pass back as their concrete type (a stream's own invariant: it only

@@ -42,6 +42,13 @@
 //! for the rescale in the same order as the whole-tensor form, so the bits are the same.
 //! DELLA over tensors of three or more axes whose rows are strided (`[d0, len, inner > 1]`)
 //! takes whole tensors.
+//!
+//! The pipeline computes in `f32` and the executor rounds only the output. mergekit computes in
+//! the recipe's `dtype`, rounding every torch operation to it; `evomerge merge --compute-dtype
+//! recipe` ([`MergeMethod::stream_in`]) reproduces that bit for bit for `task_arithmetic` (the
+//! steps and the torch rounding rules, each verified by experiment, are at [`Rounded`]). The
+//! other presets refuse it for a `bf16` / `f16` dtype: their selections already differ from
+//! mergekit's at tied magnitudes (README, "Ties at a cut") or draw from another RNG.
 
 use rayon::prelude::*;
 
@@ -51,12 +58,13 @@ use super::sparsify::{
     selector, sparsify,
 };
 use super::stream::{
-    Chunk, Partial, Pass, STREAM_CHUNK, Stream, StreamSpec, downcast, run_in_memory,
+    Chunk, Partial, Pass, STREAM_CHUNK, Stream, StreamSpec, downcast, rounding, run_in_memory,
 };
 use super::util::{base, check, check_spec, global, global_flag, per_model, tensor_err};
 use super::{BaseUse, MergeInput, MergeMethod, ParamDecl, ParamKind, Scope};
 use crate::error::Result;
 use crate::simd::avx2_fn;
+use crate::tensor::DType;
 
 /// One configuration of the pipeline.
 #[derive(Debug)]
@@ -281,6 +289,90 @@ impl MergeMethod for TaskArithmetic {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(Box::new(self.pipeline(spec, selectors)?)))
+    }
+
+    /// mergekit's arithmetic in `bf16` / `f16` is implemented for the preset without
+    /// sparsification or consensus (`task_arithmetic`); see [`Rounded`].
+    fn computes_in(&self, dtype: DType) -> bool {
+        dtype == DType::F32 || (self.preset.sparsify.is_none() && !self.preset.consensus)
+    }
+
+    fn stream_in(&self, spec: &StreamSpec<'_>, dtype: DType) -> Result<Option<Box<dyn Stream>>> {
+        if dtype == DType::F32 {
+            return self.stream(spec);
+        }
+        if !self.computes_in(dtype) {
+            return Err(tensor_err(
+                self.name(),
+                spec.tensor,
+                format!("mergekit's {dtype} arithmetic is not implemented for this method"),
+            ));
+        }
+        check_spec(self, spec)?;
+        let name = self.name();
+        let r = rounding(dtype);
+        // torch.tensor(weights, dtype=…): each Python float to f32, then to `dtype`
+        let weights = (0..spec.models)
+            .map(|j| per_model(name, spec, j, "weight").map(|w| r(w as f32)))
+            .collect::<Result<Vec<f32>>>()?;
+        let divisor = global_flag(name, spec, "normalize")?.then(|| {
+            let d = r(weights.iter().fold(0.0f32, |acc, &w| acc + w));
+            if d.abs() < 1e-8 { 1.0 } else { d }
+        });
+        let lambda = global(name, spec, "lambda")? as f32;
+        Ok(Some(Box::new(Rounded {
+            weights,
+            divisor,
+            lambda: (lambda != 1.0).then_some(lambda),
+            round: r,
+        })))
+    }
+}
+
+/// `task_arithmetic` in mergekit's arithmetic for a `bf16` / `f16` recipe `dtype`
+/// (`generalized_task_arithmetic.py`, torch on CPU), each step rounded to the dtype (`r`):
+///
+/// ```text
+/// b, x_j = r(inputs)                          mergekit casts its inputs to `dtype`
+/// w_j    = r(f32(weight_j))                   the weights tensor is built in the deltas' dtype
+/// u_j    = r(r(x_j − b) · w_j)                delta, then deltas.mul_(weights)
+/// S      = r(0 + u_0 + u_1 + …)               sum(dim=0): f32 accumulator, in model order
+/// S      = r(S / D),  D = r(Σ_j w_j) (|D| < 1e-8 → 1)     when `normalize`
+/// S      = r(S · f32(λ))                      when λ ≠ 1 (a Python scalar: f32 on CPU)
+/// θ      = r(b + S)
+/// ```
+///
+/// Each step verified against torch 2.x on CPU: elementwise `bf16` / `f16` ops compute in
+/// `f32` and round to nearest even once; `sum(dim=0)` adds in `f32` from `+0`, model by model,
+/// and rounds once (`[1, 2³⁰, −2³⁰]` sums to 0, `[2³⁰, −2³⁰, 1]` to 1); a Python float weight
+/// or scalar goes through `f32` first (`1 + 2⁻⁸ + 2⁻⁴⁰` becomes `1` in `bf16`, not `1 + 2⁻⁷`).
+struct Rounded {
+    weights: Vec<f32>,
+    divisor: Option<f32>,
+    lambda: Option<f32>,
+    round: fn(f32) -> f32,
+}
+
+impl Stream for Rounded {
+    fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
+        let r = self.round;
+        let b = chunk.base.expect("the task-arithmetic family has a base");
+        for (i, o) in out.iter_mut().enumerate() {
+            let bi = r(b[i]);
+            let mut sum = 0.0f32;
+            for (m, &w) in chunk.models.iter().zip(&self.weights) {
+                sum += r(r(r(m[i]) - bi) * w);
+            }
+            let mut s = r(sum);
+            if let Some(d) = self.divisor {
+                s = r(s / d);
+            }
+            if let Some(l) = self.lambda {
+                s = r(s * l);
+            }
+            *o = r(bi + s);
+        }
+        Ok(())
     }
 }
 
@@ -801,6 +893,98 @@ mod tests {
             42,
         );
         method.merge(&inp)
+    }
+
+    /// The same merge in mergekit's arithmetic in `dtype` ([`MergeMethod::stream_in`]).
+    fn run_in(
+        method: &TaskArithmetic,
+        dtype: DType,
+        base: &[f32],
+        models: &[&[f32]],
+        model_params: Vec<Vec<(&str, f64)>>,
+        global: &[(&str, f64)],
+    ) -> Result<Vec<f32>> {
+        let shape = [base.len()];
+        let inp = input(
+            method,
+            &shape,
+            Some(base),
+            models.to_vec(),
+            model_params.iter().map(|p| params(p)).collect(),
+            params(global),
+            42,
+        );
+        let stream = method.stream_in(&inp.spec(), dtype)?.expect("streams");
+        run_in_memory(stream, base.len(), Some(base), models)
+    }
+
+    /// torch's bf16 `sum(dim=0)` adds in f32, model by model, and rounds once: with task
+    /// vectors 1, 2³⁰, −2³⁰ the 1 is lost, with 2³⁰, −2³⁰, 1 it is kept (measured in torch).
+    #[test]
+    fn bf16_arithmetic_sums_in_f32_in_model_order() {
+        let big = (1u64 << 30) as f32;
+        let w1 = || vec![vec![("weight", 1.0)]; 3];
+        let base = [0.0f32];
+        let lost = run_in(
+            &TASK_ARITHMETIC,
+            DType::BF16,
+            &base,
+            &[&[1.0], &[big], &[-big]],
+            w1(),
+            &[],
+        );
+        assert_eq!(lost.unwrap(), [0.0]);
+        let kept = run_in(
+            &TASK_ARITHMETIC,
+            DType::BF16,
+            &base,
+            &[&[big], &[-big], &[1.0]],
+            w1(),
+            &[],
+        );
+        assert_eq!(kept.unwrap(), [1.0]);
+    }
+
+    /// Each step rounds to bf16: the weight 1 + 2⁻⁸ + 2⁻²⁰ becomes 1 + 2⁻⁷ (via f32, as torch
+    /// builds the weights tensor), and (1 + 2⁻⁷)·(1 + 2⁻⁷) = 1 + 2⁻⁶ + 2⁻¹⁴ rounds to 1 + 2⁻⁶;
+    /// in f32 the product is kept and the output rounds once.
+    #[test]
+    fn bf16_arithmetic_rounds_weights_and_products() {
+        let x = 1.0 + 2f32.powi(-7);
+        let w = 1.0 + 2f64.powi(-8) + 2f64.powi(-20);
+        let p = vec![vec![("weight", w)]];
+        let bf16 = run_in(
+            &TASK_ARITHMETIC,
+            DType::BF16,
+            &[0.0],
+            &[&[x]],
+            p.clone(),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(bf16, [1.0 + 2f32.powi(-6)]);
+        let f32_math = run(&TASK_ARITHMETIC, &[0.0], &[&[x]], p, &[]).unwrap();
+        assert_eq!(f32_math, [x * w as f32]);
+        assert_ne!(f32_math, bf16);
+    }
+
+    #[test]
+    fn bf16_arithmetic_is_refused_by_sparsifying_presets() {
+        assert!(!TIES.computes_in(DType::BF16) && TIES.computes_in(DType::F32));
+        let err = run_in(
+            &TIES,
+            DType::BF16,
+            &[0.0],
+            &[&[1.0]],
+            vec![vec![("weight", 1.0)]],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ties") && err.contains("bf16 arithmetic"),
+            "{err}"
+        );
     }
 
     #[test]

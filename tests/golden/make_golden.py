@@ -605,6 +605,49 @@ parameters:
 dtype: float32
 out_dtype: bfloat16
 """,
+    # mergekit computing in bf16 (`dtype: bfloat16`: every torch op rounded to bf16), matched
+    # bit for bit by `evomerge merge --compute-dtype recipe` (tests/compute_dtype.rs); the
+    # weights and lambda are not bf16-exact, so their rounding is exercised too
+    "task_arithmetic_bf16": f"""
+merge_method: task_arithmetic
+base_model: {BASE16}
+models:
+  - model: {A16}
+    parameters:
+      weight: 0.3
+  - model: {B16}
+    parameters:
+      weight: 0.45
+parameters:
+  lambda: 0.8
+dtype: bfloat16
+""",
+    "task_arithmetic_normalize_bf16": f"""
+merge_method: task_arithmetic
+base_model: {BASE16}
+models:
+  - model: {A16}
+    parameters:
+      weight: 0.3
+  - model: {B16}
+    parameters:
+      weight: 0.45
+parameters:
+  normalize: true
+  lambda: 1.3
+dtype: bfloat16
+""",
+    "linear_bf16": f"""
+merge_method: linear
+models:
+  - model: {A16}
+    parameters:
+      weight: 0.3
+  - model: {B16}
+    parameters:
+      weight: 0.45
+dtype: bfloat16
+""",
 }
 
 # Random methods: one fine-tune (the stats then describe one sparsified task vector) or two.
