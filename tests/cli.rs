@@ -231,21 +231,28 @@ fn fisher_command_weights_the_toy_experts_better_than_the_average() {
     );
 }
 
+/// A tasks file in `dir` with the toy world's `add` task, `limit` examples per split.
+fn add_tasks(dir: &Path, limit: usize) -> PathBuf {
+    let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
+    let tasks = dir.join("tasks.toml");
+    fs::write(
+        &tasks,
+        format!(
+            "[[tasks]]\nname = \"add\"\npath = \"{}\"\nmetric = \"exact_match\"\nmax_new_tokens = 4\nlimit = {limit}\n",
+            toy.join("tasks/add").display()
+        ),
+    )
+    .unwrap();
+    tasks
+}
+
 /// `eval` prints a failing model's row as `error` and goes on; when every model fails it exits
 /// non-zero with the first error.
 #[test]
 fn eval_fails_only_when_every_model_fails() {
     let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
     let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks.toml");
-    fs::write(
-        &tasks,
-        format!(
-            "[[tasks]]\nname = \"add\"\npath = \"{}\"\nmetric = \"exact_match\"\nmax_new_tokens = 4\nlimit = 4\n",
-            toy.join("tasks/add").display()
-        ),
-    )
-    .unwrap();
+    let tasks = add_tasks(dir.path(), 4);
     // A model directory with a config but no weights.
     let broken = dir.path().join("broken");
     fs::create_dir(&broken).unwrap();
@@ -277,15 +284,7 @@ fn eval_fails_only_when_every_model_fails() {
 fn eval_takes_device_dtype_and_batch_flags() {
     let toy = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
     let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks.toml");
-    fs::write(
-        &tasks,
-        format!(
-            "[[tasks]]\nname = \"add\"\npath = \"{}\"\nmetric = \"exact_match\"\nmax_new_tokens = 4\nlimit = 8\n",
-            toy.join("tasks/add").display()
-        ),
-    )
-    .unwrap();
+    let tasks = add_tasks(dir.path(), 8);
     let run = |extra: &[&str]| {
         Command::new(bin())
             .arg("eval")
