@@ -54,7 +54,26 @@ fn gram(base: &[f32], models: &[&[f32]], range: std::ops::Range<usize>) -> Vec<f
     g
 }
 
-avx2_fn!(fn dot_deltas(x: &[f32], y: &[f32], b: &[f32]) -> f64 => dot_deltas_body);
+avx2_fn!(pub(super) fn dot_deltas(x: &[f32], y: &[f32], b: &[f32]) -> f64 => dot_deltas_body);
+avx2_fn!(pub(super) fn dot(x: &[f32], y: &[f32]) -> f64 => dot_body);
+
+/// `Σ x·y` in `f64`, four lanes (so the loop vectorises).
+#[inline(always)]
+fn dot_body(x: &[f32], y: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 4];
+    let (x4, y4) = (x.chunks_exact(4), y.chunks_exact(4));
+    let tail = x4.remainder().len();
+    for (x4, y4) in x4.zip(y4) {
+        for t in 0..4 {
+            lanes[t] += f64::from(x4[t]) * f64::from(y4[t]);
+        }
+    }
+    let start = x.len() - tail;
+    for t in 0..tail {
+        lanes[t] += f64::from(x[start + t]) * f64::from(y[start + t]);
+    }
+    lanes.iter().sum()
+}
 
 /// `Σ (x − b)(y − b)` in `f64`, four lanes (so the loop vectorises).
 #[inline(always)]

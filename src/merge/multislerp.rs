@@ -240,17 +240,6 @@ impl GramStream {
             asked: false,
         }
     }
-
-    /// Vector `j`'s value at element `i` of a chunk.
-    #[inline(always)]
-    fn value(&self, chunk: &Chunk<'_>, j: usize, i: usize) -> f32 {
-        match self.vectors {
-            Vectors::Raw => chunk.models[j][i],
-            Vectors::RawWithBase if j == chunk.models.len() => chunk.base.expect("a base model")[i],
-            Vectors::RawWithBase => chunk.models[j][i],
-            Vectors::Deltas => chunk.models[j][i] - chunk.base.expect("a base model")[i],
-        }
-    }
 }
 
 impl Stream for GramStream {
@@ -274,22 +263,23 @@ impl Stream for GramStream {
     }
 
     fn observe(&self, chunk: &Chunk<'_>) -> Result<Partial> {
+        use super::model_stock::{dot, dot_deltas};
         let k = self.k;
-        let mut g = vec![0.0f64; k * k];
-        let mut v = vec![0.0f64; k];
-        for i in 0..chunk.len() {
-            for (j, v) in v.iter_mut().enumerate() {
-                *v = f64::from(self.value(chunk, j, i));
-            }
-            for a in 0..k {
-                for b in a..k {
-                    g[a * k + b] += v[a] * v[b];
-                }
-            }
+        let mut vectors: Vec<&[f32]> = chunk.models.to_vec();
+        if self.vectors == Vectors::RawWithBase {
+            vectors.push(chunk.base.expect("a base model"));
         }
+        let mut g = vec![0.0f64; k * k];
         for a in 0..k {
-            for b in 0..a {
-                g[a * k + b] = g[b * k + a];
+            for b in a..k {
+                let d = match self.vectors {
+                    Vectors::Deltas => {
+                        dot_deltas(vectors[a], vectors[b], chunk.base.expect("a base model"))
+                    }
+                    Vectors::Raw | Vectors::RawWithBase => dot(vectors[a], vectors[b]),
+                };
+                g[a * k + b] = d;
+                g[b * k + a] = d;
             }
         }
         Ok(Box::new(g))

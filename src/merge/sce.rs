@@ -25,6 +25,7 @@
 //! take whole tensors: the variances are ranked in memory and the resulting mask is handed to
 //! the same stream.
 
+use crate::simd::avx2_fn;
 use std::sync::Arc;
 
 use super::stream::{Chunk, Partial, Pass, Stream, StreamSpec, downcast, run_in_memory};
@@ -207,6 +208,10 @@ impl Stream for SceStream {
             .models
             .iter()
             .map(|m| {
+                if let Mask::All = self.mask {
+                    // Every entry: a vectorised `Σ (x − b)²`.
+                    return super::model_stock::dot_deltas(m, m, b);
+                }
                 m.iter()
                     .zip(b)
                     .enumerate()
@@ -223,24 +228,72 @@ impl Stream for SceStream {
 
     fn apply(&self, chunk: &Chunk<'_>, out: &mut [f32]) -> Result<()> {
         let b = chunk.base.expect("sce has a base");
-        for (i, (o, &bv)) in out.iter_mut().zip(b).enumerate() {
-            if !self.mask.keeps(chunk.start + i) {
-                *o = bv;
-                continue;
-            }
-            let sum: f32 = chunk.models.iter().map(|m| m[i] - bv).sum();
-            let (mut acc, mut div) = (0.0f32, 0.0f32);
-            for (m, &w) in chunk.models.iter().zip(&self.weights) {
-                let d = m[i] - bv;
-                let agree = (sum >= 0.0 && d > 0.0) || (sum < 0.0 && d < 0.0);
-                if agree {
-                    acc += d * w;
-                    div += w;
+        if let Mask::Nothing = self.mask {
+            out.copy_from_slice(b);
+            return Ok(());
+        }
+        // Model by model over the whole chunk (the loops vectorise); the same operations in the
+        // same order per entry as a loop over entries.
+        let n = out.len();
+        let mut sum = vec![0.0f32; n];
+        for m in chunk.models {
+            add_delta(&mut sum, &m[..n], &b[..n]);
+        }
+        let (mut acc, mut div) = (vec![0.0f32; n], vec![0.0f32; n]);
+        for (m, &w) in chunk.models.iter().zip(&self.weights) {
+            add_agreeing(&mut acc, &mut div, &sum, &m[..n], &b[..n], w);
+        }
+        finish(out, &b[..n], &acc, &div);
+        if let Mask::Bits(_) = self.mask {
+            for (i, (o, &bv)) in out.iter_mut().zip(b).enumerate() {
+                if !self.mask.keeps(chunk.start + i) {
+                    *o = bv;
                 }
             }
-            *o = bv + acc / div.max(DIVISOR_EPS);
         }
         Ok(())
+    }
+}
+
+avx2_fn!(fn add_delta(sum: &mut [f32], m: &[f32], b: &[f32]) => add_delta_body);
+avx2_fn!(fn add_agreeing(acc: &mut [f32], div: &mut [f32], sum: &[f32], m: &[f32], b: &[f32], w: f32) => add_agreeing_body);
+avx2_fn!(fn finish(out: &mut [f32], b: &[f32], acc: &[f32], div: &[f32]) => finish_body);
+
+/// `sum += m − b`.
+#[inline(always)]
+fn add_delta_body(sum: &mut [f32], m: &[f32], b: &[f32]) {
+    let n = sum.len();
+    let (m, b) = (&m[..n], &b[..n]);
+    for i in 0..n {
+        sum[i] += m[i] - b[i];
+    }
+}
+
+/// Where `d = m − b` agrees in sign with the elected `sum`: `acc += d·w`, `div += w`.
+#[inline(always)]
+fn add_agreeing_body(acc: &mut [f32], div: &mut [f32], sum: &[f32], m: &[f32], b: &[f32], w: f32) {
+    let n = acc.len();
+    let (div, sum, m, b) = (&mut div[..n], &sum[..n], &m[..n], &b[..n]);
+    for i in 0..n {
+        let d = m[i] - b[i];
+        let agree = (sum[i] >= 0.0) & (d > 0.0) | (sum[i] < 0.0) & (d < 0.0);
+        acc[i] += if agree { d * w } else { 0.0 };
+        div[i] += if agree { w } else { 0.0 };
+    }
+}
+
+/// `out = b + acc / max(div, ε)`.
+#[inline(always)]
+fn finish_body(out: &mut [f32], b: &[f32], acc: &[f32], div: &[f32]) {
+    let n = out.len();
+    let (b, acc, div) = (&b[..n], &acc[..n], &div[..n]);
+    for i in 0..n {
+        let dv = if div[i] > DIVISOR_EPS {
+            div[i]
+        } else {
+            DIVISOR_EPS
+        };
+        out[i] = b[i] + acc[i] / dv;
     }
 }
 
