@@ -58,6 +58,7 @@ const DECLS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1.0),
+        searched: true,
         doc: "",
     },
     ParamDecl {
@@ -65,6 +66,7 @@ const DECLS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1.0),
+        searched: true,
         doc: "",
     },
 ];

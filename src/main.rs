@@ -821,6 +821,11 @@ fn methods_table() -> String {
                         ParamKind::Float { min, max } => format!(" in [{min}, {max}]"),
                         ParamKind::Bool => String::new(),
                     };
+                    let range = if p.searched || p.kind == ParamKind::Bool {
+                        range
+                    } else {
+                        format!("{range} (searched only when named)")
+                    };
                     format!("`{}` = {default}{range}", p.name)
                 })
                 .collect();

@@ -28,6 +28,7 @@ static TIES_PARAMS: &[ParamDecl] = &[
             max: 2.0,
         },
         default: None,
+        searched: true,
         doc: "",
     },
     ParamDecl {
@@ -35,6 +36,7 @@ static TIES_PARAMS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1.0),
+        searched: true,
         doc: "",
     },
     ParamDecl {
@@ -42,6 +44,7 @@ static TIES_PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Bool,
         default: Some(1.0),
+        searched: true,
         doc: "",
     },
     ParamDecl {
@@ -49,6 +52,7 @@ static TIES_PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Float { min: 0.0, max: 2.0 },
         default: Some(1.0),
+        searched: true,
         doc: "",
     },
 ];
@@ -58,6 +62,7 @@ static STACK_PARAMS: &[ParamDecl] = &[ParamDecl {
     scope: Scope::PerModel,
     kind: ParamKind::Float { min: 0.0, max: 2.0 },
     default: Some(1.0),
+    searched: true,
     doc: "",
 }];
 
@@ -434,6 +439,7 @@ fn optional_base_listed_among_models_stays_a_model() {
             max: 2.0,
         },
         default: None,
+        searched: true,
         doc: "",
     }];
     impl MergeMethod for Avg {

@@ -23,6 +23,7 @@ const DECLS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1.0),
+        searched: true,
         doc: "",
     },
     ParamDecl {
@@ -30,6 +31,7 @@ const DECLS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1.0),
+        searched: true,
         doc: "",
     },
 ];

@@ -28,6 +28,7 @@ const DECLS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1.0),
+        searched: true,
         doc: "",
     },
     ParamDecl {
@@ -35,6 +36,7 @@ const DECLS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1.0),
+        searched: true,
         doc: "",
     },
 ];

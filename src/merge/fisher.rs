@@ -55,6 +55,7 @@ const PARAMS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1.0),
+        searched: true,
         doc: "λᵢ: the model's share before Fisher weighting",
     },
     ParamDecl {
@@ -62,6 +63,7 @@ const PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1e-6),
+        searched: true,
         doc: "floor added to every Fisher entry (ε)",
     },
 ];

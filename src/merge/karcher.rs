@@ -48,6 +48,7 @@ static PARAMS: &[ParamDecl] = &[
             max: 50.0,
         },
         default: Some(10.0),
+        searched: true,
         doc: "most iterations of the mean (rounded; 0 = the normalised Euclidean mean)",
     },
     ParamDecl {
@@ -58,6 +59,7 @@ static PARAMS: &[ParamDecl] = &[
             max: 1e-3,
         },
         default: Some(1e-5),
+        searched: false,
         doc: "convergence tolerance (also: smallest norm and angle that count)",
     },
 ];

@@ -35,6 +35,7 @@ static PARAMS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: None,
+        searched: true,
         doc: "weight of this model in the average",
     },
     ParamDecl {
@@ -42,6 +43,7 @@ static PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Bool,
         default: Some(1.0),
+        searched: true,
         doc: "divide by the sum of the weights",
     },
 ];

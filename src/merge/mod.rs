@@ -64,6 +64,9 @@ pub struct ParamDecl {
     pub kind: ParamKind,
     /// `None` means required.
     pub default: Option<f64>,
+    /// Whether a search evolves it when its `space.params` does not list the parameters
+    /// (false for numerical guards such as `eps` and `tol`; a search may still name them).
+    pub searched: bool,
     /// One line for docs and `--help`.
     pub doc: &'static str,
 }

@@ -27,6 +27,7 @@ static PARAMS: &[ParamDecl] = &[ParamDecl {
     scope: Scope::Global,
     kind: ParamKind::Bool,
     default: Some(0.0),
+    searched: true,
     doc: "compute the interpolation ratio per row instead of per tensor",
 }];
 

@@ -41,6 +41,7 @@ static PARAMS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: None,
+        searched: true,
         doc: "barycentric weight of this model",
     },
     ParamDecl {
@@ -48,6 +49,7 @@ static PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Bool,
         default: Some(1.0),
+        searched: true,
         doc: "divide the weights by their sum",
     },
     ParamDecl {
@@ -58,6 +60,7 @@ static PARAMS: &[ParamDecl] = &[
             max: 1e-4,
         },
         default: Some(1e-8),
+        searched: false,
         doc: "added to norms before dividing (numerical guard)",
     },
 ];

@@ -38,6 +38,7 @@ static PARAMS: &[ParamDecl] = &[ParamDecl {
         max: 0.01,
     },
     default: None,
+    searched: true,
     doc: "distance up to which the other model's value is taken whole (weights' units)",
 }];
 

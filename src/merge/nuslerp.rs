@@ -46,6 +46,7 @@ static PARAMS: &[ParamDecl] = &[
         scope: Scope::PerModel,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: None,
+        searched: true,
         doc: "relative weight; t = w_1 / (w_0 + w_1)",
     },
     ParamDecl {
@@ -53,6 +54,7 @@ static PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Bool,
         default: Some(1.0),
+        searched: true,
         doc: "interpolate the whole tensor as one vector",
     },
     ParamDecl {
@@ -60,6 +62,7 @@ static PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Bool,
         default: Some(0.0),
+        searched: true,
         doc: "without flatten: interpolate slices along the first axis instead of the last",
     },
 ];

@@ -22,6 +22,7 @@ static PARAMS: &[ParamDecl] = &[ParamDecl {
     scope: Scope::PerModel,
     kind: ParamKind::Float { min: 0.0, max: 2.0 },
     default: Some(1.0),
+    searched: true,
     doc: "multiply the tensor by this factor",
 }];
 

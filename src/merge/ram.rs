@@ -54,6 +54,7 @@ const EPSILON: ParamDecl = ParamDecl {
         max: 0.01,
     },
     default: Some(1e-5),
+    searched: true,
     doc: "task-vector entries with |δ| ≤ epsilon count as unchanged",
 };
 
@@ -65,6 +66,7 @@ static RAMPLUS_PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(0.1),
+        searched: true,
         doc: "boost of a model's unique entries per unit of shared/unique ratio",
     },
     ParamDecl {
@@ -72,6 +74,7 @@ static RAMPLUS_PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(0.2),
+        searched: true,
         doc: "cap of the shared/unique ratio (the boost is at most r·alpha)",
     },
     EPSILON,

@@ -41,6 +41,7 @@ const PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(0.95),
+        searched: true,
         doc: "scale of the Gram matrices' off-diagonal entries",
     },
     ParamDecl {
@@ -48,6 +49,7 @@ const PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1e-4),
+        searched: true,
         doc: "ridge towards the plain average, relative to the mean diagonal of Σ G̃ᵢ",
     },
 ];

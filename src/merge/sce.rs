@@ -43,6 +43,7 @@ static PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Float { min: 0.0, max: 1.0 },
         default: Some(1.0),
+        searched: true,
         doc: "share of the entries (by variance across models) to keep",
     },
     ParamDecl {
@@ -50,6 +51,7 @@ static PARAMS: &[ParamDecl] = &[
         scope: Scope::Global,
         kind: ParamKind::Bool,
         default: Some(0.0),
+        searched: true,
         doc: "mergekit's int8 mask dtype (no effect on the result)",
     },
 ];

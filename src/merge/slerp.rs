@@ -31,6 +31,7 @@ static PARAMS: &[ParamDecl] = &[ParamDecl {
     scope: Scope::Global,
     kind: ParamKind::Float { min: 0.0, max: 1.0 },
     default: None,
+    searched: true,
     doc: "interpolation factor: 0 = base model, 1 = the other model",
 }];
 

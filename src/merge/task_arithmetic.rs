@@ -90,6 +90,7 @@ const fn flag(name: &'static str, default: bool, doc: &'static str) -> ParamDecl
         scope: Scope::Global,
         kind: ParamKind::Bool,
         default: Some(if default { 1.0 } else { 0.0 }),
+        searched: true,
         doc,
     }
 }
@@ -120,6 +121,7 @@ const LAMBDA: ParamDecl = ParamDecl {
     scope: Scope::Global,
     kind: ParamKind::Float { min: 0.0, max: 2.0 },
     default: Some(1.0),
+    searched: true,
     doc: "scale of the merged task vector",
 };
 const WEIGHT: ParamDecl = ParamDecl {
@@ -127,6 +129,7 @@ const WEIGHT: ParamDecl = ParamDecl {
     scope: Scope::PerModel,
     kind: ParamKind::Float { min: 0.0, max: 1.0 },
     default: None,
+    searched: true,
     doc: "weight of this model's task vector",
 };
 const DENSITY: ParamDecl = ParamDecl {
@@ -134,6 +137,7 @@ const DENSITY: ParamDecl = ParamDecl {
     scope: Scope::PerModel,
     kind: ParamKind::Float { min: 0.0, max: 1.0 },
     default: Some(1.0),
+    searched: true,
     doc: "share of the task vector's entries to keep",
 };
 const GAMMA: ParamDecl = ParamDecl {
@@ -141,6 +145,7 @@ const GAMMA: ParamDecl = ParamDecl {
     scope: Scope::PerModel,
     kind: ParamKind::Float { min: 0.0, max: 1.0 },
     default: Some(0.01),
+    searched: true,
     doc: "share of the largest-magnitude entries to drop",
 };
 const EPSILON: ParamDecl = ParamDecl {
@@ -148,6 +153,7 @@ const EPSILON: ParamDecl = ParamDecl {
     scope: Scope::PerModel,
     kind: ParamKind::Float { min: 0.0, max: 0.5 },
     default: Some(0.15),
+    searched: true,
     doc: "spread of keep probabilities: density ± epsilon by magnitude rank",
 };
 

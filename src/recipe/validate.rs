@@ -290,6 +290,7 @@ mod tests {
                 max: 2.0,
             },
             default: None,
+            searched: true,
             doc: "",
         },
         ParamDecl {
@@ -297,6 +298,7 @@ mod tests {
             scope: Scope::PerModel,
             kind: ParamKind::Float { min: 0.0, max: 1.0 },
             default: Some(1.0),
+            searched: true,
             doc: "",
         },
         ParamDecl {
@@ -304,6 +306,7 @@ mod tests {
             scope: Scope::Global,
             kind: ParamKind::Bool,
             default: Some(1.0),
+            searched: true,
             doc: "",
         },
     ];

@@ -13,7 +13,7 @@
 //! granularity = "per_layer"    # "whole" | "per_layer" | "every:K"
 //! split_attn_mlp = false       # separate genes for `self_attn` and `mlp` tensors
 //! embeddings = true            # embeddings / final norm / head as their own layer group
-//! params = ["weight", "density"]   # default: every Float parameter the method declares
+//! params = ["weight", "density"]   # default: every Float parameter the method declares, but numerical guards (`eps`, `tol`)
 //! ranges = { density = [0.1, 1.0] }  # narrow a declared range (never widen)
 //! defaults = { weight = 0.5 }        # the "default merge" and the initial mean
 //!

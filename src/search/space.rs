@@ -156,7 +156,7 @@ impl PsSpace {
             .filter(|d| matches!(d.kind, ParamKind::Float { .. }))
             .collect();
         let chosen: Vec<&ParamDecl> = match &def.params {
-            None => floats.clone(),
+            None => floats.iter().copied().filter(|d| d.searched).collect(),
             Some(names) => names
                 .iter()
                 .map(|n| {
@@ -750,6 +750,7 @@ mod tests {
             scope: Scope::PerModel,
             kind: ParamKind::Float { min: 0.0, max: 2.0 },
             default: None,
+            searched: true,
             doc: "",
         },
         ParamDecl {
@@ -757,6 +758,7 @@ mod tests {
             scope: Scope::PerModel,
             kind: ParamKind::Float { min: 0.0, max: 1.0 },
             default: Some(1.0),
+            searched: true,
             doc: "",
         },
         ParamDecl {
@@ -764,6 +766,7 @@ mod tests {
             scope: Scope::Global,
             kind: ParamKind::Float { min: 0.0, max: 4.0 },
             default: Some(1.0),
+            searched: true,
             doc: "",
         },
         ParamDecl {
@@ -771,6 +774,7 @@ mod tests {
             scope: Scope::Global,
             kind: ParamKind::Bool,
             default: Some(1.0),
+            searched: true,
             doc: "",
         },
     ];
@@ -887,6 +891,30 @@ mod tests {
         let mut d = ps_def();
         d.ranges.insert("weight".into(), [-1.0, 1.0]);
         assert!(PsSpace::new(info(), &d).is_err());
+    }
+
+    /// Numerical guards (`searched: false`, e.g. karcher's `tol`) are left out of the genes
+    /// unless `space.params` names them.
+    #[test]
+    fn ps_leaves_out_unsearched_params_unless_named() {
+        let karcher = crate::merge::method("karcher").unwrap();
+        let info = PsModels {
+            method: "karcher".into(),
+            decls: karcher.params().to_vec(),
+            base: None,
+            ..info()
+        };
+        let params = |d: &PsDef| -> Vec<String> {
+            let space = PsSpace::new(info.clone(), d).unwrap();
+            let mut names: Vec<_> = space.genes.iter().map(|g| g.param.clone()).collect();
+            names.dedup();
+            names
+        };
+        assert_eq!(params(&ps_def()), ["max_iter"]);
+        let mut d = ps_def();
+        d.params = Some(vec!["max_iter".into(), "tol".into()]);
+        let named = params(&d);
+        assert!(named.contains(&"tol".to_string()), "{named:?}");
     }
 
     fn dfs_def() -> DfsDef {
