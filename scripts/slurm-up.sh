@@ -8,7 +8,7 @@
 # It installs Debian's `slurm-wlm` and `munge` when missing, writes /etc/slurm/slurm.conf for
 # this host (its short hostname, `nproc` CPUs, 90 % of its memory; one partition `debug`), starts
 # munged, slurmctld and slurmd directly (no init system), and waits until `sinfo` shows the node
-# idle. Process tracking is proctrack/linuxproc and task/none, so no cgroup setup is needed.
+# idle. Process tracking is proctrack/pgid and task/none, so no cgroup setup is needed.
 # Idempotent: when the cluster already answers and the node is idle, it returns at once.
 # It refuses to overwrite a slurm.conf it did not write.
 set -euo pipefail
@@ -102,8 +102,9 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-# No cgroups: plain process tracking, no task containment.
-ProctrackType=proctrack/linuxproc
+# No cgroups: jobs tracked by process group (a job step's processes share one, so a cancel
+# also kills a child its shell left behind), no task containment.
+ProctrackType=proctrack/pgid
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
