@@ -23,19 +23,26 @@ fn bin() -> &'static str {
 }
 
 fn slurm_is_up() {
-    let ok = Command::new("sinfo")
-        .args(["--noheader", "--format=%t"])
-        .output()
-        .is_ok_and(|o| {
-            o.status.success()
-                && String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .any(|l| matches!(l.trim(), "idle" | "mix" | "alloc"))
-        });
-    assert!(
-        ok,
-        "no idle Slurm node: start the local cluster with scripts/slurm-up.sh"
-    );
+    // The node may still be completing the previous test's cancelled jobs (`comp`): wait.
+    let usable = || {
+        Command::new("sinfo")
+            .args(["--noheader", "--format=%t"])
+            .output()
+            .is_ok_and(|o| {
+                o.status.success()
+                    && String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .any(|l| matches!(l.trim(), "idle" | "mix" | "alloc"))
+            })
+    };
+    let start = Instant::now();
+    while !usable() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no idle Slurm node: start the local cluster with scripts/slurm-up.sh"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// `squeue` lines `id|name|state` of this user's jobs whose name starts with `prefix`.
